@@ -1,0 +1,116 @@
+"""No bytes make a decoder raise: random, truncated and bit-flipped frames (fixed seeds)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_decoders_frames import chdlc_frames, ethernet_frames, fr_frames, ppp_frames
+
+from tunnelscope.decoders import Decoded, decode
+from tunnelscope.linktype import LinkType
+
+LINKTYPES = [
+    LinkType.ETHERNET,
+    LinkType.C_HDLC,
+    LinkType.PPP_SERIAL,
+    LinkType.PPP,
+    LinkType.FRELAY,
+    LinkType.PPP_WITH_DIR,
+    LinkType.C_HDLC_WITH_DIR,
+    LinkType.FRELAY_WITH_DIR,
+]
+VALID = {
+    LinkType.ETHERNET: ethernet_frames(),
+    LinkType.C_HDLC: chdlc_frames(),
+    LinkType.PPP_SERIAL: ppp_frames(),
+    LinkType.FRELAY: fr_frames(),
+}
+# Starts that steer random tails into every branch: link headers with each protocol number.
+PREFIXES = [
+    b"\x0f\x00\x08\x00",
+    b"\x0f\x00\x80\x35",
+    b"\x8f\x00\x20\x00",
+    b"\x0f\x00\x86\xdd",
+    b"\xff\x03\xc0\x21\x01",
+    b"\xff\x03\xc0\x23\x01",
+    b"\xff\x03\xc2\x23\x01",
+    b"\xff\x03\x80\x21\x01",
+    b"\xff\x03\x00\x21\x45",
+    b"\x00\x01\x03\x08\x00\x7d\x95",
+    b"\x00\x01\x03\x08\x00\x7d\x51",
+    b"\xfc\xf1\x03\x09\x00\x7d",
+    b"\x18\x41\x03\xcc\x45",
+    b"\x18\x41\x03\x80\x00\x00\x00\x08\x06",
+    b"\x18\x41\x03\x80\x00\x80\xc2\x00\x07",
+    b"\x18\x41\x08\x00\x45",
+    bytes(12) + b"\x81\x00\x00\x64\x08\x00\x45",
+    bytes(12) + b"\x88\xa8\x00\x0a\x81\x00",
+    bytes(12) + b"\x86\xdd\x60\x00\x00\x00",
+    bytes(12) + b"\x88\x47\x00\x01\x01\x40\x45",
+    bytes(12) + b"\x00\x30\xaa\xaa\x03\x00\x00\x0c\x20\x00",
+]
+TYPES = (int, bool, str)
+
+
+def _check(decoded: Decoded, linktype: int) -> None:
+    """The result is well-typed whatever the input: what consumers (CLI, JSON) rely on."""
+    assert decoded.linktype == linktype
+    assert isinstance(decoded.summary, str) and "\n" not in decoded.summary
+    assert all(isinstance(p, str) for p in decoded.protocols)
+    for name, value in decoded.fields.items():
+        values = value if isinstance(value, list) else [value]
+        assert all(isinstance(v, TYPES) for v in values), name
+    assert decoded.malformed == ("[malformed:" in decoded.summary)
+
+
+@pytest.mark.parametrize("linktype", LINKTYPES, ids=lambda lt: lt.name)
+def test_random_bytes_never_raise(linktype: LinkType) -> None:
+    rng = random.Random(linktype)
+    for _ in range(1500):
+        head = rng.choice(PREFIXES) if rng.random() < 0.7 else b""
+        direction = bytes([rng.randrange(2)]) if linktype.has_direction_byte else b""
+        data = direction + head + rng.randbytes(rng.randrange(0, 80))
+        _check(decode(linktype, data), linktype)
+
+
+@pytest.mark.parametrize("linktype", list(VALID), ids=lambda lt: lt.name)
+def test_every_prefix_and_bit_flip_of_valid_frames_never_raises(linktype: LinkType) -> None:
+    rng = random.Random(int(linktype) + 1)
+    for frame in VALID[linktype]:
+        for size in range(len(frame)):
+            _check(decode(linktype, frame[:size]), linktype)
+        for _ in range(100):
+            damaged = bytearray(frame)
+            for _ in range(rng.randrange(1, 4)):
+                damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+            _check(decode(linktype, bytes(damaged)), linktype)
+
+
+@pytest.mark.parametrize("linktype", LINKTYPES, ids=lambda lt: lt.name)
+def test_zero_length_frame_is_malformed(linktype: LinkType) -> None:
+    decoded = decode(linktype, b"")
+    assert decoded.malformed
+    _check(decoded, linktype)
+
+
+def _length_covers_all(decoded: Decoded) -> bool:
+    """Frames where some header gives the length of everything after it (no padding)."""
+    covered = {"ip", "ipv6", "lcp", "ipcp", "pap", "chap"} & set(decoded.protocols)
+    return bool(covered) or "slarp.mysequence" in decoded.fields  # a keepalive's fixed size
+
+
+@pytest.mark.parametrize("linktype", list(VALID), ids=lambda lt: lt.name)
+def test_truncated_frames_are_reported_malformed(linktype: LinkType) -> None:
+    """Cut anywhere, a frame whose lengths cover it all is malformed, and keeps its start."""
+    checked = 0
+    for frame in VALID[linktype]:
+        whole = decode(linktype, frame)
+        if not _length_covers_all(whole):
+            continue
+        for size in range(len(frame)):
+            cut = decode(linktype, frame[:size])
+            assert cut.malformed, (size, whole.summary, cut.summary)
+            assert cut.protocols == whole.protocols[: len(cut.protocols)], (size, whole.summary)
+        checked += 1
+    assert checked >= 3

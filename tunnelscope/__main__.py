@@ -1,0 +1,3 @@
+from tunnelscope.cli import main
+
+main()

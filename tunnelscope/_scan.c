@@ -1,0 +1,822 @@
+/* tunnelscope._scan: the decap fast path.
+ *
+ * Copies the UDP payloads of known tunnel flows from input capture records (classic pcap or
+ * pcapng, outer link types Ethernet, Linux SLL/SLL2, raw IP) to output records (pcapng EPBs
+ * or classic pcap records) without running Python per frame, and hands every frame of an
+ * unknown flow back to Python. `tunnelscope.decap.PyScanner` is the pure-Python twin of
+ * `Scanner`: same arguments, same results, same bytes; the module documentation of
+ * tunnelscope/decap.py describes what both do.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { NEED_MORE = 0, FRAME = 1, BLOCK = 2 };
+enum { LOC_NOT_UDP = 0, LOC_FRAGMENT = 1, LOC_UDP = 2 };
+enum { PORTS_ALL = 0, PORTS_ONLY = 1, PORTS_EXCEPT = 2 };
+enum {
+    LT_ETHERNET = 1, LT_RAW = 101, LT_LINUX_SLL = 113, LT_IPV4 = 228, LT_IPV6 = 229,
+    LT_LINUX_SLL2 = 276,
+};
+
+#define MAX_CAPLEN 262144u
+#define MAX_BLOCK (16u * 1024u * 1024u)
+#define KEY_LEN 37
+#define DEDUPE_CAPACITY 65536u /* decap.DEDUPE_CAPACITY */
+#define INDEX_SIZE (2u * DEDUPE_CAPACITY)
+#define KEEP_OUTPUT (1u << 20) /* output buffers larger than this are freed after take() */
+
+typedef struct {
+    uint8_t key[40]; /* KEY_LEN bytes, then zeros */
+    uint64_t hash;
+    uint64_t frames;
+    int32_t stream; /* -1: not a tunnel */
+    uint32_t iface;
+    uint32_t direction;
+    uint32_t used;
+} Flow;
+
+typedef struct {
+    uint32_t linktype;
+    uint32_t snaplen;
+    uint64_t tsresol; /* nanoseconds per timestamp unit */
+} Interface;
+
+typedef struct {
+    uint8_t *data;
+    size_t len, cap;
+} Output;
+
+typedef struct {
+    uint64_t hash, ts, flow, seq;
+} Kept; /* one payload in the dedupe ring */
+
+typedef struct {
+    uint8_t key[40];
+    Py_ssize_t off; /* of the payload, in the record */
+    uint32_t caplen, orig_len;
+    uint16_t sport, dport;
+} Udp;
+
+typedef struct {
+    PyObject_HEAD
+    int pcapng_input, output_pcapng, out_nanosecond, port_mode, big;
+    uint32_t limit;
+    int64_t window;
+    uint8_t ports[8192];
+    Interface *ifaces;
+    size_t n_ifaces, cap_ifaces;
+    Flow *flows;
+    size_t flow_cap, flow_count; /* flow_cap: a power of two */
+    Output *outs;
+    size_t n_outs;
+    Kept *ring;
+    uint64_t *index; /* seq + 1 of the latest kept copy of a payload hash, 0: empty */
+    uint64_t ring_head, ring_next;
+    unsigned long long frames, written, not_udp, fragments, not_tunnel, duplicates, last_ts;
+} Scanner;
+
+/* ---- byte order ---------------------------------------------------------------------- */
+
+static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+static inline uint32_t rd32(const uint8_t *p, int big)
+{
+    if (big)
+        return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+}
+
+static inline uint8_t *put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+    return p + 4;
+}
+
+/* ---- hashing --------------------------------------------------------------------------- */
+
+static inline uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t rotl(uint64_t x, int r) { return x << r | x >> (64 - r); }
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ULL, w;
+    size_t left = n;
+    for (; left >= 8; left -= 8, p += 8) {
+        memcpy(&w, p, 8);
+        h = rotl(h ^ (w * 0xC2B2AE3D27D4EB4FULL), 31) * 0x9E3779B185EBCA87ULL;
+    }
+    w = 0;
+    memcpy(&w, p, left);
+    h = rotl(h ^ (w * 0xC2B2AE3D27D4EB4FULL), 31) * 0x9E3779B185EBCA87ULL;
+    return mix64(h ^ n);
+}
+
+/* ---- finding the UDP payload (decap.locate_udp) --------------------------------------- */
+
+static int locate_udp(const uint8_t *d, uint32_t n, uint32_t linktype, Udp *u)
+{
+    uint32_t off, version, ethertype, end, udp, datagram;
+    switch (linktype) {
+    case LT_ETHERNET:
+        if (n < 14)
+            return LOC_NOT_UDP;
+        ethertype = be16(d + 12);
+        off = 14;
+        for (int tag = 0; tag < 2; tag++) {
+            if (!(ethertype == 0x8100 || ethertype == 0x88A8 || ethertype == 0x9100 ||
+                  ethertype == 0x9200) ||
+                n < off + 4)
+                break;
+            ethertype = be16(d + off + 2);
+            off += 4;
+        }
+        version = ethertype == 0x0800 ? 4 : ethertype == 0x86DD ? 6 : 0;
+        break;
+    case LT_LINUX_SLL:
+    case LT_LINUX_SLL2:
+        off = linktype == LT_LINUX_SLL ? 16 : 20;
+        if (n < off)
+            return LOC_NOT_UDP;
+        ethertype = be16(d + (linktype == LT_LINUX_SLL ? 14 : 0));
+        version = ethertype == 0x0800 ? 4 : ethertype == 0x86DD ? 6 : 0;
+        break;
+    case LT_RAW:
+        if (n < 1)
+            return LOC_NOT_UDP;
+        off = 0;
+        version = d[0] >> 4;
+        break;
+    case LT_IPV4:
+        off = 0;
+        version = 4;
+        break;
+    case LT_IPV6:
+        off = 0;
+        version = 6;
+        break;
+    default:
+        return LOC_NOT_UDP;
+    }
+    memset(u->key, 0, sizeof u->key);
+    if (version == 4) {
+        const uint8_t *ip = d + off;
+        if (n - off < 20 || ip[0] >> 4 != 4)
+            return LOC_NOT_UDP;
+        uint32_t ihl = (ip[0] & 15u) * 4, total;
+        if (ihl < 20 || ip[9] != 17)
+            return LOC_NOT_UDP;
+        if (be16(ip + 6) & 0x3FFF)
+            return LOC_FRAGMENT;
+        total = be16(ip + 2);
+        if (total < ihl + 8)
+            return LOC_NOT_UDP;
+        end = off + (n - off < total ? n - off : total);
+        udp = off + ihl;
+        datagram = total - ihl;
+        u->key[0] = 4;
+        memcpy(u->key + 1, ip + 12, 4);
+        memcpy(u->key + 17, ip + 16, 4);
+    } else if (version == 6) {
+        const uint8_t *ip = d + off;
+        if (n - off < 40 || ip[0] >> 4 != 6)
+            return LOC_NOT_UDP;
+        uint32_t payload_length = be16(ip + 4), next_header = ip[6];
+        end = off + (n - off < 40 + payload_length ? n - off : 40 + payload_length);
+        udp = off + 40;
+        for (int i = 0; i < 8; i++) {
+            if (!(next_header == 0 || next_header == 43 || next_header == 60))
+                break;
+            if (end - udp < 8)
+                return LOC_NOT_UDP;
+            next_header = d[udp];
+            udp += (d[udp + 1] + 1u) * 8;
+            if (udp > end) /* a header running past the data: nothing more can fit */
+                return LOC_NOT_UDP;
+        }
+        if (next_header == 44)
+            return end - udp >= 8 && d[udp] == 17 ? LOC_FRAGMENT : LOC_NOT_UDP;
+        if (next_header != 17)
+            return LOC_NOT_UDP;
+        datagram = off + 40 + payload_length - udp;
+        u->key[0] = 6;
+        memcpy(u->key + 1, ip + 8, 32);
+    } else {
+        return LOC_NOT_UDP;
+    }
+    if (end < udp || end - udp < 8)
+        return LOC_NOT_UDP;
+    uint32_t udp_length = be16(d + udp + 4);
+    if (udp_length < 8 || udp_length > datagram)
+        return LOC_NOT_UDP;
+    memcpy(u->key + 33, d + udp, 4);
+    u->sport = be16(d + udp);
+    u->dport = be16(d + udp + 2);
+    u->off = udp + 8;
+    u->orig_len = udp_length - 8;
+    u->caplen = u->orig_len < end - udp - 8 ? u->orig_len : end - udp - 8;
+    return LOC_UDP;
+}
+
+/* ---- the flow table ------------------------------------------------------------------- */
+
+static uint64_t key_hash(const uint8_t *key)
+{
+    uint64_t h = 0, w;
+    for (int i = 0; i < 40; i += 8) {
+        memcpy(&w, key + i, 8);
+        h = rotl(h ^ (w * 0xC2B2AE3D27D4EB4FULL), 31) * 0x9E3779B185EBCA87ULL;
+    }
+    return mix64(h);
+}
+
+static Flow *flow_slot(Scanner *s, const uint8_t *key, uint64_t hash)
+{
+    size_t mask = s->flow_cap - 1, i = hash & mask;
+    while (s->flows[i].used && !(s->flows[i].hash == hash && !memcmp(s->flows[i].key, key, 40)))
+        i = (i + 1) & mask;
+    return &s->flows[i];
+}
+
+static int flows_rebuild(Scanner *s, size_t cap, int keep_ignored)
+{
+    Flow *old = s->flows;
+    size_t old_cap = s->flow_cap;
+    s->flows = PyMem_Calloc(cap, sizeof(Flow));
+    if (!s->flows) {
+        s->flows = old;
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->flow_cap = cap;
+    s->flow_count = 0;
+    for (size_t i = 0; i < old_cap; i++) {
+        if (old[i].used && (keep_ignored || old[i].stream >= 0)) {
+            *flow_slot(s, old[i].key, old[i].hash) = old[i];
+            s->flow_count++;
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* ---- dedupe ----------------------------------------------------------------------------- */
+
+static Py_ssize_t index_find(Scanner *s, uint64_t hash)
+{
+    size_t mask = INDEX_SIZE - 1, i = hash & mask;
+    for (; s->index[i]; i = (i + 1) & mask)
+        if (s->ring[(s->index[i] - 1) & (DEDUPE_CAPACITY - 1)].hash == hash)
+            return (Py_ssize_t)i;
+    return -1;
+}
+
+static void index_delete(Scanner *s, size_t i)
+{
+    size_t mask = INDEX_SIZE - 1, j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (!s->index[j])
+            break;
+        size_t home = s->ring[(s->index[j] - 1) & (DEDUPE_CAPACITY - 1)].hash & mask;
+        /* the entry at j may move back to i unless its home lies cyclically in (i, j] */
+        int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            s->index[i] = s->index[j];
+            i = j;
+        }
+    }
+    s->index[i] = 0;
+}
+
+static int duplicate(Scanner *s, const uint8_t *p, size_t n, uint64_t ts, uint64_t flow)
+{
+    while (s->ring_head < s->ring_next) {
+        Kept *old = &s->ring[s->ring_head & (DEDUPE_CAPACITY - 1)];
+        if (!((int64_t)(ts - old->ts) > s->window ||
+              s->ring_next - s->ring_head >= DEDUPE_CAPACITY))
+            break;
+        Py_ssize_t at = index_find(s, old->hash);
+        if (at >= 0 && s->index[at] - 1 == old->seq)
+            index_delete(s, (size_t)at);
+        s->ring_head++;
+    }
+    uint64_t hash = hash_bytes(p, n);
+    Py_ssize_t at = index_find(s, hash);
+    if (at >= 0) {
+        Kept *seen = &s->ring[(s->index[at] - 1) & (DEDUPE_CAPACITY - 1)];
+        int64_t age = (int64_t)(ts - seen->ts);
+        if (age < 0)
+            age = -age;
+        if (seen->flow != flow && age <= s->window)
+            return 1;
+    }
+    uint64_t seq = s->ring_next++;
+    Kept *kept = &s->ring[seq & (DEDUPE_CAPACITY - 1)];
+    kept->hash = hash;
+    kept->ts = ts;
+    kept->flow = flow;
+    kept->seq = seq;
+    if (at < 0) {
+        size_t mask = INDEX_SIZE - 1, i = hash & mask;
+        while (s->index[i])
+            i = (i + 1) & mask;
+        at = (Py_ssize_t)i;
+    }
+    s->index[at] = seq + 1;
+    return 0;
+}
+
+/* ---- output ----------------------------------------------------------------------------- */
+
+static uint8_t *reserve(Output *out, size_t size)
+{
+    if (out->len + size > out->cap) {
+        size_t cap = out->cap ? out->cap * 2 : 1u << 16;
+        while (cap < out->len + size)
+            cap *= 2;
+        uint8_t *data = PyMem_Realloc(out->data, cap);
+        if (!data) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        out->data = data;
+        out->cap = cap;
+    }
+    uint8_t *p = out->data + out->len;
+    out->len += size;
+    return p;
+}
+
+/* pcapng.enhanced_packet / pcap.record, byte for byte */
+static int emit(Scanner *s, const Flow *flow, uint64_t ts, const uint8_t *data, uint32_t caplen,
+                uint32_t orig_len)
+{
+    Output *out = &s->outs[flow->stream];
+    uint8_t *p;
+    if (s->output_pcapng) {
+        uint32_t pad = -caplen & 3u, options = flow->direction ? 12 : 0;
+        uint32_t total = 32 + caplen + pad + options;
+        if (!(p = reserve(out, total)))
+            return -1;
+        p = put32(p, 6);
+        p = put32(p, total);
+        p = put32(p, flow->iface);
+        p = put32(p, (uint32_t)(ts >> 32));
+        p = put32(p, (uint32_t)ts);
+        p = put32(p, caplen);
+        p = put32(p, orig_len);
+        memcpy(p, data, caplen);
+        p += caplen;
+        memset(p, 0, pad);
+        p += pad;
+        if (options) {
+            p = put32(p, 2 | 4u << 16); /* epb_flags, 4 bytes */
+            p = put32(p, flow->direction);
+            p = put32(p, 0); /* opt_endofopt */
+        }
+        put32(p, total);
+    } else {
+        uint64_t sec = ts / 1000000000u, frac = ts % 1000000000u;
+        if (!(p = reserve(out, 16 + caplen)))
+            return -1;
+        p = put32(p, (uint32_t)sec);
+        p = put32(p, (uint32_t)(s->out_nanosecond ? frac : frac / 1000));
+        p = put32(p, caplen);
+        p = put32(p, orig_len);
+        memcpy(p, data, caplen);
+    }
+    return 0;
+}
+
+/* ---- one record --------------------------------------------------------------------------- */
+
+/* 1: a frame of an unknown flow (u and *dup filled), 0: done with it, -1: error */
+static int process(Scanner *s, const uint8_t *d, uint32_t caplen, uint32_t linktype,
+                   uint64_t ts, Udp *u, int *dup)
+{
+    s->frames++;
+    s->last_ts = ts;
+    int found = locate_udp(d, caplen, linktype, u);
+    if (found != LOC_UDP) {
+        if (found == LOC_FRAGMENT)
+            s->fragments++;
+        else
+            s->not_udp++;
+        return 0;
+    }
+    if (s->port_mode != PORTS_ALL) {
+        int listed = (s->ports[u->sport >> 3] >> (u->sport & 7) & 1) ||
+                     (s->ports[u->dport >> 3] >> (u->dport & 7) & 1);
+        if (listed != (s->port_mode == PORTS_ONLY)) {
+            s->not_tunnel++;
+            return 0;
+        }
+    }
+    uint64_t hash = key_hash(u->key);
+    Flow *flow = flow_slot(s, u->key, hash);
+    if (flow->used && flow->stream < 0) {
+        s->not_tunnel++;
+        return 0;
+    }
+    *dup = s->window ? duplicate(s, d + u->off, u->caplen, ts, hash) : 0;
+    if (!flow->used)
+        return 1;
+    if (*dup) {
+        s->duplicates++;
+        return 0;
+    }
+    if (emit(s, flow, ts, d + u->off, u->caplen, u->orig_len) < 0)
+        return -1;
+    flow->frames++;
+    s->written++;
+    return 0;
+}
+
+static PyObject *frame_event(Py_ssize_t pos, uint64_t ts, const Udp *u, Py_ssize_t start, int dup)
+{
+    return Py_BuildValue("(in(Ky#nIIO))", FRAME, pos, (unsigned long long)ts, u->key,
+                         (Py_ssize_t)KEY_LEN, start + u->off, u->caplen, u->orig_len,
+                         dup ? Py_True : Py_False);
+}
+
+static PyObject *scan_pcap(Scanner *s, const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end)
+{
+    if (!s->n_ifaces) {
+        PyErr_SetString(PyExc_ValueError, "no interface declared");
+        return NULL;
+    }
+    const Interface *iface = &s->ifaces[0];
+    while (pos + 16 <= end) {
+        const uint8_t *h = buf + pos;
+        uint32_t sec = rd32(h, s->big), frac = rd32(h + 4, s->big), caplen = rd32(h + 8, s->big);
+        if (caplen > s->limit)
+            return PyErr_Format(PyExc_ValueError, "frame %llu: caplen %u above the %u-byte limit",
+                                s->frames + 1, caplen, s->limit);
+        if (pos + 16 + (Py_ssize_t)caplen > end)
+            break;
+        Py_ssize_t start = pos + 16;
+        pos = start + caplen;
+        Udp u;
+        int dup = 0, r = process(s, buf + start, caplen, iface->linktype,
+                                 (uint64_t)sec * 1000000000u + (uint64_t)frac * iface->tsresol, &u,
+                                 &dup);
+        if (r < 0)
+            return NULL;
+        if (r)
+            return frame_event(pos, s->last_ts, &u, start, dup);
+    }
+    return Py_BuildValue("(inO)", NEED_MORE, pos, Py_None);
+}
+
+static PyObject *scan_pcapng(Scanner *s, const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end)
+{
+    static const uint8_t shb[4] = {0x0A, 0x0D, 0x0D, 0x0A};
+    static const uint8_t little[4] = {0x4D, 0x3C, 0x2B, 0x1A}, big[4] = {0x1A, 0x2B, 0x3C, 0x4D};
+    while (pos + 12 <= end) {
+        const uint8_t *b = buf + pos;
+        if (!memcmp(b, shb, 4)) {
+            int order = !memcmp(b + 8, little, 4) ? 0 : !memcmp(b + 8, big, 4) ? 1 : -1;
+            if (order < 0) {
+                PyErr_SetString(PyExc_ValueError, "bad pcapng byte-order magic");
+                return NULL;
+            }
+            uint32_t total = rd32(b + 4, order);
+            if (total < 28 || total % 4 || total > MAX_BLOCK)
+                return PyErr_Format(PyExc_ValueError, "bad pcapng section header length %u",
+                                    total);
+            return Py_BuildValue("(inO)", pos + (Py_ssize_t)total <= end ? BLOCK : NEED_MORE, pos,
+                                 Py_None);
+        }
+        uint32_t type = rd32(b, s->big), total = rd32(b + 4, s->big);
+        if (total < 12 || total % 4 || total > MAX_BLOCK)
+            return PyErr_Format(PyExc_ValueError, "bad pcapng block length %u (block type 0x%x)",
+                                total, type);
+        if (pos + (Py_ssize_t)total > end)
+            break;
+        uint32_t linktype, caplen;
+        uint64_t ts;
+        Py_ssize_t start;
+        if (type == 6) { /* EPB */
+            unsigned long long number = s->frames + 1;
+            if (total < 32)
+                return PyErr_Format(PyExc_ValueError,
+                                    "frame %llu: truncated enhanced packet block", number);
+            uint32_t id = rd32(b + 8, s->big);
+            if (id >= s->n_ifaces)
+                return PyErr_Format(PyExc_ValueError, "frame %llu: unknown interface %u", number,
+                                    id);
+            caplen = rd32(b + 20, s->big);
+            if (caplen > MAX_CAPLEN || 20 + caplen > total - 12)
+                return PyErr_Format(PyExc_ValueError, "frame %llu: bad caplen %u", number,
+                                    caplen);
+            linktype = s->ifaces[id].linktype;
+            ts = ((uint64_t)rd32(b + 12, s->big) << 32 | rd32(b + 16, s->big)) *
+                 s->ifaces[id].tsresol;
+            start = pos + 28;
+        } else if (type == 3 && s->n_ifaces) { /* SPB */
+            if (total < 16) {
+                PyErr_SetString(PyExc_ValueError, "truncated simple packet block");
+                return NULL;
+            }
+            uint32_t orig_len = rd32(b + 8, s->big), snaplen = s->ifaces[0].snaplen;
+            caplen = orig_len;
+            if (snaplen && snaplen < caplen)
+                caplen = snaplen;
+            if (total - 16 < caplen)
+                caplen = total - 16;
+            linktype = s->ifaces[0].linktype;
+            ts = 0;
+            start = pos + 12;
+        } else {
+            return Py_BuildValue("(inO)", BLOCK, pos, Py_None);
+        }
+        pos += total;
+        Udp u;
+        int dup = 0, r = process(s, buf + start, caplen, linktype, ts, &u, &dup);
+        if (r < 0)
+            return NULL;
+        if (r)
+            return frame_event(pos, ts, &u, start, dup);
+    }
+    return Py_BuildValue("(inO)", NEED_MORE, pos, Py_None);
+}
+
+/* ---- the Python type ---------------------------------------------------------------------- */
+
+static int Scanner_init(Scanner *s, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"pcapng_input", "caplen_limit", "output_pcapng", "out_nanosecond",
+                            "dedupe_window_ns", "port_mode", "ports", NULL};
+    int pcapng_input, output_pcapng, out_nanosecond, port_mode;
+    unsigned int limit;
+    long long window;
+    Py_buffer ports;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "pIppLiy*", names, &pcapng_input, &limit,
+                                     &output_pcapng, &out_nanosecond, &window, &port_mode,
+                                     &ports))
+        return -1;
+    if (ports.len != sizeof s->ports) {
+        PyBuffer_Release(&ports);
+        PyErr_SetString(PyExc_ValueError, "ports must be an 8192-byte bitmap");
+        return -1;
+    }
+    memcpy(s->ports, ports.buf, sizeof s->ports);
+    PyBuffer_Release(&ports);
+    if (s->flows) { /* __init__ called twice */
+        PyErr_SetString(PyExc_RuntimeError, "Scanner already initialised");
+        return -1;
+    }
+    s->pcapng_input = pcapng_input;
+    s->limit = limit;
+    s->output_pcapng = output_pcapng;
+    s->out_nanosecond = out_nanosecond;
+    s->window = window;
+    s->port_mode = port_mode;
+    s->flow_cap = 1024;
+    s->flows = PyMem_Calloc(s->flow_cap, sizeof(Flow));
+    if (!s->flows) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (window) {
+        s->ring = PyMem_Calloc(DEDUPE_CAPACITY, sizeof(Kept));
+        s->index = PyMem_Calloc(INDEX_SIZE, sizeof(uint64_t));
+        if (!s->ring || !s->index) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void Scanner_dealloc(Scanner *s)
+{
+    for (size_t i = 0; i < s->n_outs; i++)
+        PyMem_Free(s->outs[i].data);
+    PyMem_Free(s->outs);
+    PyMem_Free(s->flows);
+    PyMem_Free(s->ifaces);
+    PyMem_Free(s->ring);
+    PyMem_Free(s->index);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static int check_ready(Scanner *s)
+{
+    if (!s->flows) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Scanner_set_section(Scanner *s, PyObject *arg)
+{
+    int big = PyObject_IsTrue(arg);
+    if (big < 0)
+        return NULL;
+    s->big = big;
+    s->n_ifaces = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Scanner_add_interface(Scanner *s, PyObject *args)
+{
+    unsigned int linktype, snaplen;
+    unsigned long long tsresol;
+    if (!PyArg_ParseTuple(args, "IKI", &linktype, &tsresol, &snaplen))
+        return NULL;
+    if (s->n_ifaces == s->cap_ifaces) {
+        size_t cap = s->cap_ifaces ? s->cap_ifaces * 2 : 8;
+        Interface *ifaces = PyMem_Realloc(s->ifaces, cap * sizeof(Interface));
+        if (!ifaces)
+            return PyErr_NoMemory();
+        s->ifaces = ifaces;
+        s->cap_ifaces = cap;
+    }
+    s->ifaces[s->n_ifaces++] = (Interface){linktype, snaplen, tsresol};
+    Py_RETURN_NONE;
+}
+
+static PyObject *Scanner_set_flow(Scanner *s, PyObject *args)
+{
+    Py_buffer key;
+    int stream;
+    unsigned int iface, direction;
+    if (check_ready(s) < 0 || !PyArg_ParseTuple(args, "y*iII", &key, &stream, &iface, &direction))
+        return NULL;
+    if (key.len != KEY_LEN) {
+        PyBuffer_Release(&key);
+        PyErr_SetString(PyExc_ValueError, "a flow key is 37 bytes");
+        return NULL;
+    }
+    uint8_t padded[40] = {0};
+    memcpy(padded, key.buf, KEY_LEN);
+    PyBuffer_Release(&key);
+    if (stream >= 0 && (size_t)stream >= s->n_outs) {
+        size_t n_outs = (size_t)stream + 1;
+        Output *outs = PyMem_Realloc(s->outs, n_outs * sizeof(Output));
+        if (!outs)
+            return PyErr_NoMemory();
+        memset(outs + s->n_outs, 0, (n_outs - s->n_outs) * sizeof(Output));
+        s->outs = outs;
+        s->n_outs = n_outs;
+    }
+    if (2 * (s->flow_count + 1) > s->flow_cap && flows_rebuild(s, s->flow_cap * 2, 1) < 0)
+        return NULL;
+    uint64_t hash = key_hash(padded);
+    Flow *flow = flow_slot(s, padded, hash);
+    if (!flow->used) {
+        memcpy(flow->key, padded, 40);
+        flow->hash = hash;
+        flow->frames = 0;
+        flow->used = 1;
+        s->flow_count++;
+    }
+    flow->stream = stream;
+    flow->iface = iface;
+    flow->direction = direction;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Scanner_clear_ignored(Scanner *s, PyObject *Py_UNUSED(arg))
+{
+    if (check_ready(s) < 0 || flows_rebuild(s, s->flow_cap, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Scanner_flow_frames(Scanner *s, PyObject *arg)
+{
+    Py_buffer key;
+    if (check_ready(s) < 0 || PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint8_t padded[40] = {0};
+    memcpy(padded, key.buf, key.len < KEY_LEN ? (size_t)key.len : KEY_LEN);
+    int valid = key.len == KEY_LEN;
+    PyBuffer_Release(&key);
+    Flow *flow = valid ? flow_slot(s, padded, key_hash(padded)) : NULL;
+    return PyLong_FromUnsignedLongLong(flow && flow->used ? flow->frames : 0);
+}
+
+static PyObject *Scanner_counters(Scanner *s, PyObject *Py_UNUSED(arg))
+{
+    return Py_BuildValue("{sKsKsKsKsKsK}", "frames", s->frames, "written", s->written, "not_udp",
+                         s->not_udp, "fragments", s->fragments, "not_tunnel", s->not_tunnel,
+                         "duplicates", s->duplicates);
+}
+
+static PyObject *Scanner_take(Scanner *s, PyObject *Py_UNUSED(arg))
+{
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < s->n_outs; i++) {
+        Output *out = &s->outs[i];
+        if (!out->len)
+            continue;
+        PyObject *item = Py_BuildValue("(ny#)", (Py_ssize_t)i, out->data, (Py_ssize_t)out->len);
+        if (!item || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+        out->len = 0;
+        if (out->cap > KEEP_OUTPUT) {
+            PyMem_Free(out->data);
+            out->data = NULL;
+            out->cap = 0;
+        }
+    }
+    return list;
+}
+
+static PyObject *Scanner_scan(Scanner *s, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t pos, end;
+    if (check_ready(s) < 0 || !PyArg_ParseTuple(args, "y*nn", &view, &pos, &end))
+        return NULL;
+    PyObject *result;
+    if (pos < 0 || end < pos || end > view.len) {
+        PyErr_SetString(PyExc_ValueError, "pos and end must lie within the buffer");
+        result = NULL;
+    } else if (s->pcapng_input) {
+        result = scan_pcapng(s, view.buf, pos, end);
+    } else {
+        result = scan_pcap(s, view.buf, pos, end);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef Scanner_methods[] = {
+    {"set_section", (PyCFunction)Scanner_set_section, METH_O,
+     "Byte order of what follows (True: big-endian); forgets the interfaces."},
+    {"add_interface", (PyCFunction)Scanner_add_interface, METH_VARARGS,
+     "add_interface(linktype, tsresol_ns, snaplen): the next input interface."},
+    {"set_flow", (PyCFunction)Scanner_set_flow, METH_VARARGS,
+     "set_flow(key, stream, iface, direction): stream -1 leaves the flow out."},
+    {"clear_ignored", (PyCFunction)Scanner_clear_ignored, METH_NOARGS,
+     "Forget the flows that were left out."},
+    {"flow_frames", (PyCFunction)Scanner_flow_frames, METH_O, "Frames written for a flow."},
+    {"counters", (PyCFunction)Scanner_counters, METH_NOARGS, "Frame counters."},
+    {"take", (PyCFunction)Scanner_take, METH_NOARGS,
+     "The output written since the last call: [(stream, bytes)], in stream order."},
+    {"scan", (PyCFunction)Scanner_scan, METH_VARARGS,
+     "scan(buf, pos, end) -> (event, pos, frame info or None)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Scanner_members[] = {
+    {"last_ts", T_ULONGLONG, offsetof(Scanner, last_ts), READONLY,
+     "Timestamp (ns) of the last record scanned."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ScannerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelscope._scan.Scanner",
+    .tp_basicsize = sizeof(Scanner),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Copies known tunnel flows from capture records to output records.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Scanner_init,
+    .tp_dealloc = (destructor)Scanner_dealloc,
+    .tp_methods = Scanner_methods,
+    .tp_members = Scanner_members,
+};
+
+static struct PyModuleDef scan_module = {
+    PyModuleDef_HEAD_INIT, "tunnelscope._scan",
+    "The decap fast path; tunnelscope.decap.PyScanner is its pure-Python twin.", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__scan(void)
+{
+    if (PyType_Ready(&ScannerType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&scan_module);
+    if (!module)
+        return NULL;
+    Py_INCREF(&ScannerType);
+    if (PyModule_AddObject(module, "Scanner", (PyObject *)&ScannerType) < 0) {
+        Py_DECREF(&ScannerType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

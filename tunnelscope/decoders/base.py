@@ -1,0 +1,81 @@
+"""What a decoded frame is, and the collector the layer decoders fill in.
+
+Field conventions (shared by every decoder):
+- keys are Wireshark display-filter names wherever Wireshark has one, so a user can move
+  between tunnelscope and Wireshark without translating;
+- integers are ints, flags (Wireshark FT_BOOLEAN) are bools, addresses are strings in
+  tshark's format (`10.0.0.1`, `fe80::1`, `00:11:22:33:44:55`);
+- a field that can occur several times in one frame (VLAN tags, Q.922 EA bits, LMI PVC
+  status elements) is always a list in frame order, outer first, even when it occurs once:
+  the type of a key never depends on the frame. tshark -T fields prints the same values
+  comma-separated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Value = object  # int, bool, str, or a list of them
+
+
+@dataclass
+class Decoded:
+    """One frame, decoded as far as its bytes are valid."""
+
+    linktype: int
+    summary: str  # tcpdump-like one line
+    fields: dict[str, Value]
+    protocols: list[str]  # tshark's frame.protocols without its "ethertype" and "data" entries
+    malformed: bool = False
+
+
+class Builder:
+    """Collects what each layer of one frame found; `decode()` turns it into a `Decoded`.
+
+    Layer decoders never raise: when bytes run out or a value is impossible they call `bad`
+    and return, so everything decoded up to that point is kept.
+    """
+
+    __slots__ = ("fields", "protocols", "_parts", "_problem")
+
+    def __init__(self) -> None:
+        self.fields: dict[str, Value] = {}
+        self.protocols: list[str] = []
+        self._parts: list[str] = []
+        self._problem: str | None = None
+
+    def layer(self, protocol: str, text: str = "") -> None:
+        """Enter a protocol (as tshark names it) and add its words to the summary."""
+        self.protocols.append(protocol)
+        self.text(text)
+
+    def text(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+
+    def append(self, name: str, value: Value) -> None:
+        """Add one occurrence of a repeatable field (always a list, see the module doc)."""
+        self.fields.setdefault(name, []).append(value)  # type: ignore[union-attr]
+
+    def need(self, data: bytes, size: int, what: str) -> bool:
+        """True when `data` holds `size` bytes; otherwise marks the frame truncated."""
+        if len(data) >= size:
+            return True
+        self.bad(f"truncated {what}")
+        return False
+
+    def bad(self, problem: str) -> None:
+        """Mark the frame malformed; the first problem found is the one reported."""
+        if self._problem is None:
+            self._problem = problem
+
+    def build(self, linktype: int) -> Decoded:
+        summary = " ".join(self._parts)
+        if self._problem is not None:
+            summary = f"{summary} [malformed: {self._problem}]".lstrip()
+        return Decoded(linktype, summary, self.fields, self.protocols, self._problem is not None)
+
+
+def name_of(table: dict[int, str], number: int, kind: str) -> str:
+    """A name for the summary, also for numbers the table does not know."""
+    return table.get(number) or f"{kind} {number:#x}"
