@@ -6,7 +6,9 @@ tests/test_pipeline.py is the frame-by-frame reference these must agree with.
 
 from __future__ import annotations
 
+import math
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -14,12 +16,13 @@ from contextlib import contextmanager
 
 import pytest
 
+from tunnelscope import pcapng
 from tunnelscope.capture import CaptureError, Format, open_capture
 from tunnelscope.demo import free_udp_ports
 from tunnelscope.engine import Engine, Link, available_backends
 from tunnelscope.impairments import chains, parse_impairment
 from tunnelscope.linktype import LinkType
-from tunnelscope.pipeline import A2B
+from tunnelscope.pipeline import A2B, PARK_NS
 from tunnelscope.pipeline import Link as ReferenceLink
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,6 +59,15 @@ class Lab:
             except (TimeoutError, socket.timeout):
                 continue
         return frames
+
+    def transfer(self, frames: list[bytes], expected: int, timeout: float = 15.0) -> list[bytes]:
+        """Send A -> B from a thread while receiving at B, so no socket buffer overflows."""
+        sender = threading.Thread(target=self.send, args=(self.peer_a, frames, 128))
+        sender.start()
+        try:
+            return self.receive(self.peer_b, expected, timeout)
+        finally:
+            sender.join()
 
     def settle(self, expected_a2b: int, timeout: float = 3.0) -> dict:
         """Wait until the link has received `expected_a2b` frames from A and queued none."""
@@ -103,8 +115,8 @@ def numbers(frames: list[bytes]) -> list[int]:
     return [int.from_bytes(frame[:4], "big") for frame in frames]
 
 
-def reference_survivors(impairment: str, count: int, seed: int) -> list[int]:
-    """What the frame-by-frame reference forwards for the same vector."""
+def reference_output(impairments: list[str], frames: list[bytes], seed: int) -> list[bytes]:
+    """What the frame-by-frame reference sends B for the same vector (timers run out)."""
 
     class Memory:
         counters: dict = {}
@@ -122,11 +134,12 @@ def reference_survivors(impairment: str, count: int, seed: int) -> list[int]:
 
     a, b = Memory(), Memory()
     link = ReferenceLink(a, b)
-    link.set_chain(A2B, chains([parse_impairment(impairment)], seed)["a2b"])
-    a.inbox = numbered(count)
+    link.set_chain(A2B, chains([parse_impairment(text) for text in impairments], seed)["a2b"])
+    a.inbox = list(frames)
     while a.inbox:
         link.receive(A2B, 0)
-    return numbers(b.sent)
+    link.transmit(A2B, PARK_NS)
+    return b.sent
 
 
 def test_forwards_both_directions_any_size(backend: str) -> None:
@@ -153,12 +166,54 @@ def test_freq_drop_drops_every_third_frame(backend: str) -> None:
     assert stats["dropped"] == {"freq_drop": 10}
 
 
-def test_seeded_loss_matches_the_reference_frame_for_frame(backend: str) -> None:
-    expected = reference_survivors("a2b packet_loss 20", 2000, seed=42)
-    with lab(backend, "a2b packet_loss 20", seed=42) as t:
-        t.send(t.peer_a, numbered(2000))
-        got = numbers(t.receive(t.peer_b, len(expected)))
-        t.settle(2000)
+def sigma4(count: int, percent: float) -> float:
+    p = percent / 100
+    return 4 * math.sqrt(count * p * (1 - p))
+
+
+def late_frames(sequence: list[int]) -> int:
+    """Frames that arrive after a frame sent later than them (the reorder counter's view)."""
+    late, highest = 0, 0
+    for n in sequence:
+        late += n < highest
+        highest = max(highest, n)
+    return late
+
+
+RANDOM_CASES = {
+    "a2b packet_loss 5": lambda sent, got: (
+        abs((len(sent) - len(got)) - len(sent) * 0.05) <= sigma4(len(sent), 5)
+    ),
+    "a2b duplicate 3": lambda sent, got: (
+        abs((len(got) - len(sent)) - len(sent) * 0.03) <= sigma4(len(sent), 3)
+    ),
+    "a2b corrupt 2": lambda sent, got: (
+        abs(sum(1 for x, y in zip(sent, got) if x != y) - len(sent) * 0.02) <= sigma4(len(sent), 2)
+    ),
+    "a2b reorder 4 2": lambda sent, got: (
+        abs(late_frames(numbers(got)) - len(sent) * 0.04) <= sigma4(len(sent), 4) + 2
+    ),
+    # Gilbert-Elliott p=1 % r=20 %: stationary loss p / (p + r) = 4.76 %
+    "a2b burst_loss 1 20": lambda sent, got: (
+        abs((len(sent) - len(got)) / len(sent) - 1 / 21) < 0.015
+    ),
+}
+
+
+@pytest.mark.parametrize("impairment", list(RANDOM_CASES))
+def test_random_impairments_hit_their_rate_and_match_the_reference(
+    backend: str, impairment: str
+) -> None:
+    """20,000 seeded frames: the configured rate within 4 sigma, and the exact same frames
+    as the reference (so a seed gives the same drops twice, on either backend)."""
+    frames = numbered(20000)
+    expected = reference_output([impairment], frames, seed=42)
+    assert RANDOM_CASES[impairment](frames, expected)
+    with lab(backend, impairment, seed=42) as t:
+        got = t.transfer(frames, len(expected))
+        stats = t.settle(len(frames))
+    assert stats["received"] == len(frames)
+    assert len(got) == len(expected)
     assert got == expected
 
 
@@ -245,3 +300,43 @@ def test_capture_that_fails_never_stops_the_link(backend: str) -> None:
 def test_capture_into_unwritable_path_is_refused(backend: str, tmp_path) -> None:
     with lab(backend) as t, pytest.raises(CaptureError, match="cannot write"):
         t.link.start_capture(str(tmp_path / "no" / "such" / "dir.pcap"))
+
+
+def records_without_timestamps(path) -> dict[int, list[bytes]]:
+    """Every pcapng block of a capture, timestamps zeroed, grouped by interface (EPB, ISB)."""
+    data = path.read_bytes()
+    blocks: dict[int, list[bytes]] = {-1: []}
+    offset = 0
+    while offset < len(data):
+        block_type, length = struct.unpack_from("<II", data, offset)
+        block = bytearray(data[offset : offset + length])
+        if block_type in (pcapng.EPB, pcapng.ISB):
+            block[12:20] = bytes(8)
+            blocks.setdefault(struct.unpack_from("<I", block, 8)[0], []).append(bytes(block))
+        else:
+            blocks[-1].append(bytes(block))
+        offset += length
+    return blocks
+
+
+@pytest.mark.skipif(len(available_backends()) < 2, reason="needs both backends")
+def test_both_backends_write_the_same_capture_bytes(tmp_path) -> None:
+    impairments = ("a2b freq_drop 5", "a2b corrupt 10", "a2b duplicate 10", "b2a packet_loss 30")
+    frames = numbered(3000, size=100)
+    expected = len(reference_output([i for i in impairments if i.startswith("a2b")], frames, 99))
+    captures = {}
+    for backend in available_backends():
+        path = captures[backend] = tmp_path / f"{backend}.pcapng"
+        with lab(backend, *impairments, seed=99) as t:
+            t.link.start_capture(str(path), LinkType.ETHERNET, "both")
+            assert len(t.transfer(frames, expected)) == expected
+            t.send(t.peer_b, numbered(500, start=5000))
+            t.receive(t.peer_a, 500, timeout=1)
+            t.settle(3000)
+            t.link.stop_capture()
+    c, python = (records_without_timestamps(captures[name]) for name in ("c", "python"))
+    assert sorted(c) == [-1, 0, 1]
+    assert len(c[0]) == 3000 + 500 + 1  # every frame at pre, then the statistics block
+    # the headers differ only in the ports of the interface description
+    assert c[0] == python[0]
+    assert c[1] == python[1]

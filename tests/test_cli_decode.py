@@ -60,12 +60,11 @@ def tshark_field_names() -> set[str]:
     return {line.split("\t")[2] for line in out.splitlines() if line.startswith("F\t")}
 
 
-@tshark.required
-@pytest.mark.parametrize("name", REFERENCE)
-def test_json_fields_agree_with_tshark(name: str, tshark_field_names: set[str]) -> None:
-    frames = decode_json(str(CAPTURES / name))
+def assert_agrees_with_tshark(path: str, tshark_field_names: set[str]) -> list[dict]:
+    """Every field both tunnelscope and tshark know has the same values in every frame."""
+    frames = decode_json(path)
     names = sorted({key for frame in frames for key in frame["fields"]} & tshark_field_names)
-    rows = tshark.fields(str(CAPTURES / name), names)
+    rows = tshark.fields(path, names)
     assert len(rows) == len(frames)
     compared = 0
     for frame, row in zip(frames, rows):
@@ -78,6 +77,30 @@ def test_json_fields_agree_with_tshark(name: str, tshark_field_names: set[str]) 
             assert (ours if isinstance(ours, list) else [ours]) == theirs, (frame["number"], key)
             compared += 1
     assert compared >= 2 * len(frames)
+    return frames
+
+
+@tshark.required
+@pytest.mark.parametrize("name", REFERENCE)
+def test_json_fields_agree_with_tshark(name: str, tshark_field_names: set[str]) -> None:
+    assert_agrees_with_tshark(str(CAPTURES / name), tshark_field_names)
+
+
+@tshark.required
+@pytest.mark.parametrize("linktype", [9, 204])
+def test_ppp_link_types_agree_with_tshark(
+    tmp_path: Path, tshark_field_names: set[str], linktype: int
+) -> None:
+    """PPP without FF 03 (9), and with a direction byte (204; tshark 4.0 refuses 205, 206)."""
+    if linktype == 9:
+        frames = [frame[2:] for frame in reference_frames("ppp.pcap")]
+    else:
+        frames = [bytes([n % 2 == 0]) + f for n, f in enumerate(reference_frames("ppp.pcap"))]
+    path = write_pcap(tmp_path / "x.pcap", linktype, frames)
+    decoded = assert_agrees_with_tshark(path, tshark_field_names)
+    assert [f["direction"] for f in decoded[:2]] == (
+        [None, None] if linktype == 9 else ["out", "in"]
+    )
 
 
 @tshark.required
@@ -276,4 +299,18 @@ def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == "tunnelscope: error: " + str(tmp_path / "bad") + (
         ": bad pcapng byte-order magic 00000000\n"
+    )
+
+
+def test_an_output_that_fails_is_one_error_line() -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            ["tunnelscope", "decode", str(CAPTURES / "chdlc.pcap")],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert (done.returncode, done.stderr) == (
+        2,
+        "tunnelscope: error: standard output: No space left on device\n",
     )

@@ -65,10 +65,14 @@ def test_tshark_reads_every_framing(kind: str, tmp_path) -> None:
     if kind == "ethernet":
         assert row["eth.type"] == "0x88b5"
         return
-    assert (row["ip.src"], row["ip.dst"], row["udp.srcport"]) == ("192.0.2.1", "198.51.100.7", "1234")
+    assert (row["ip.src"], row["ip.dst"], row["udp.srcport"]) == (
+        "192.0.2.1",
+        "198.51.100.7",
+        "1234",
+    )
     assert int(row["ip.len"]) == 200 - framing.offset + 28
     assert int(row["udp.length"]) == int(row["ip.len"]) - 20
-    assert row["ip.checksum.status"] == "2"  # good
+    assert row["ip.checksum.status"] == "1"  # good
     expected = {"ipv4": ("eth.type", "0x0800"), "hdlc": ("chdlc.protocol", "0x0800")}
     expected |= {"ppp": ("ppp.protocol", "0x0021"), "fr": ("fr.dlci", "321")}
     key, value = expected[kind]
@@ -195,11 +199,11 @@ def test_tracker_matches_the_definitions(seed: int) -> None:
 
 def test_tracker_with_a_small_window_counts_very_late_frames_as_lost() -> None:
     tracker = SequenceTracker(window=8)
-    for seq in [*range(0, 5), *range(6, 40), 5, 70, 41]:
+    for seq in [*range(0, 5), *range(6, 40), 5, 45, 41]:
         tracker.add(seq)
     tracker.finish()
     assert (tracker.late, tracker.reordered) == (1, 1)  # 5 is too late, 41 is not
-    assert tracker.bursts == Counter({1: 2, 28: 1})  # 5, 40, 42..69
+    assert tracker.bursts == Counter({1: 2, 3: 1})  # 5, 40, 42..44
     assert tracker.unique == 41
 
 

@@ -65,8 +65,12 @@ def fields(
 
 
 def layers(path: str) -> list[dict[str, object]]:
-    """Run `tshark -T json`: per frame, the `_source.layers` dict (protocol -> fields)."""
-    return [packet["_source"]["layers"] for packet in json.loads(_run(path, ["-T", "json"]))]
+    """Run `tshark -T json`: per frame, the `_source.layers` dict (protocol -> fields).
+
+    Values are strings; a field that occurs several times in a layer is a list of them.
+    """
+    packets = json.loads(_run(path, ["-T", "json", "--no-duplicate-keys"]))
+    return [packet["_source"]["layers"] for packet in packets]
 
 
 def value(text: str) -> int | str:

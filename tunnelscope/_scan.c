@@ -12,6 +12,8 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
 
 enum { NEED_MORE = 0, FRAME = 1, BLOCK = 2 };
 enum { LOC_NOT_UDP = 0, LOC_FRAGMENT = 1, LOC_UDP = 2 };
@@ -26,7 +28,7 @@ enum {
 #define KEY_LEN 37
 #define DEDUPE_CAPACITY 65536u /* decap.DEDUPE_CAPACITY */
 #define INDEX_SIZE (2u * DEDUPE_CAPACITY)
-#define KEEP_OUTPUT (1u << 20) /* output buffers larger than this are freed after take() */
+#define RETAINED (16u << 20) /* output buffer memory kept between calls, all streams together */
 
 typedef struct {
     uint8_t key[40]; /* KEY_LEN bytes, then zeros */
@@ -71,7 +73,7 @@ typedef struct {
     Flow *flows;
     size_t flow_cap, flow_count; /* flow_cap: a power of two */
     Output *outs;
-    size_t n_outs;
+    size_t n_outs, retained; /* retained: capacity of all output buffers */
     Kept *ring;
     uint64_t *index; /* seq + 1 of the latest kept copy of a payload hash, 0: empty */
     uint64_t ring_head, ring_next;
@@ -340,7 +342,7 @@ static int duplicate(Scanner *s, const uint8_t *p, size_t n, uint64_t ts, uint64
 
 /* ---- output ----------------------------------------------------------------------------- */
 
-static uint8_t *reserve(Output *out, size_t size)
+static uint8_t *reserve(Scanner *s, Output *out, size_t size)
 {
     if (out->len + size > out->cap) {
         size_t cap = out->cap ? out->cap * 2 : 1u << 16;
@@ -351,6 +353,7 @@ static uint8_t *reserve(Output *out, size_t size)
             PyErr_NoMemory();
             return NULL;
         }
+        s->retained += cap - out->cap;
         out->data = data;
         out->cap = cap;
     }
@@ -368,7 +371,7 @@ static int emit(Scanner *s, const Flow *flow, uint64_t ts, const uint8_t *data, 
     if (s->output_pcapng) {
         uint32_t pad = -caplen & 3u, options = flow->direction ? 12 : 0;
         uint32_t total = 32 + caplen + pad + options;
-        if (!(p = reserve(out, total)))
+        if (!(p = reserve(s, out, total)))
             return -1;
         p = put32(p, 6);
         p = put32(p, total);
@@ -389,7 +392,7 @@ static int emit(Scanner *s, const Flow *flow, uint64_t ts, const uint8_t *data, 
         put32(p, total);
     } else {
         uint64_t sec = ts / 1000000000u, frac = ts % 1000000000u;
-        if (!(p = reserve(out, 16 + caplen)))
+        if (!(p = reserve(s, out, 16 + caplen)))
             return -1;
         p = put32(p, (uint32_t)sec);
         p = put32(p, (uint32_t)(s->out_nanosecond ? frac : frac / 1000));
@@ -718,6 +721,18 @@ static PyObject *Scanner_counters(Scanner *s, PyObject *Py_UNUSED(arg))
                          "duplicates", s->duplicates);
 }
 
+/* An emptied buffer is kept for the next chunk unless the buffers hold too much in all. */
+static void emptied(Scanner *s, Output *out)
+{
+    out->len = 0;
+    if (s->retained > RETAINED) {
+        s->retained -= out->cap;
+        PyMem_Free(out->data);
+        out->data = NULL;
+        out->cap = 0;
+    }
+}
+
 static PyObject *Scanner_take(Scanner *s, PyObject *Py_UNUSED(arg))
 {
     PyObject *list = PyList_New(0);
@@ -734,14 +749,56 @@ static PyObject *Scanner_take(Scanner *s, PyObject *Py_UNUSED(arg))
             return NULL;
         }
         Py_DECREF(item);
-        out->len = 0;
-        if (out->cap > KEEP_OUTPUT) {
-            PyMem_Free(out->data);
-            out->data = NULL;
-            out->cap = 0;
-        }
+        emptied(s, out);
     }
     return list;
+}
+
+static PyObject *Scanner_write(Scanner *s, PyObject *arg)
+{
+    PyObject *fds = PySequence_Fast(arg, "fds must be a sequence of file descriptors");
+    if (!fds)
+        return NULL;
+    size_t count = (size_t)PySequence_Fast_GET_SIZE(fds);
+    for (size_t i = 0; i < s->n_outs && i < count; i++) {
+        Output *out = &s->outs[i];
+        if (!out->len)
+            continue;
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(fds, i));
+        if (fd == -1 && PyErr_Occurred())
+            goto fail;
+        if (fd < 0 || fd > INT_MAX) {
+            PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+            goto fail;
+        }
+        size_t done = 0;
+        while (done < out->len) {
+            ssize_t n;
+            Py_BEGIN_ALLOW_THREADS
+            n = write((int)fd, out->data + done, out->len - done);
+            Py_END_ALLOW_THREADS
+            if (n >= 0) {
+                done += (size_t)n;
+                continue;
+            }
+            int err = errno;
+            if (err == EINTR && PyErr_CheckSignals() == 0)
+                continue;
+            if (err != EINTR) { /* the OSError's filename is the stream */
+                PyObject *stream = PyLong_FromSize_t(i);
+                errno = err;
+                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, stream);
+                Py_XDECREF(stream);
+            }
+            goto fail;
+        }
+        emptied(s, out);
+    }
+    Py_DECREF(fds);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(fds);
+    return NULL;
 }
 
 static PyObject *Scanner_scan(Scanner *s, PyObject *args)
@@ -775,7 +832,9 @@ static PyMethodDef Scanner_methods[] = {
     {"flow_frames", (PyCFunction)Scanner_flow_frames, METH_O, "Frames written for a flow."},
     {"counters", (PyCFunction)Scanner_counters, METH_NOARGS, "Frame counters."},
     {"take", (PyCFunction)Scanner_take, METH_NOARGS,
-     "The output written since the last call: [(stream, bytes)], in stream order."},
+     "The output produced since the last call: [(stream, bytes)], in stream order."},
+    {"write", (PyCFunction)Scanner_write, METH_O,
+     "write(fds): write the output produced since the last call, stream i to fds[i]."},
     {"scan", (PyCFunction)Scanner_scan, METH_VARARGS,
      "scan(buf, pos, end) -> (event, pos, frame info or None)."},
     {NULL, NULL, 0, NULL},

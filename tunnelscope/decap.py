@@ -46,13 +46,14 @@ import hashlib
 import ipaddress
 import os
 import struct
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Optional, Union
 
 from tunnelscope import pcap, pcapng
-from tunnelscope.capture import CaptureError, CaptureWriter, Format, read_capture
+from tunnelscope.capture import CaptureError, read_capture
 from tunnelscope.detect import LinkTypeDetector
 from tunnelscope.linktype import LinkType
 from tunnelscope.packet import MAX_CAPLEN, CaptureFormatError, Direction
@@ -291,10 +292,15 @@ class PyScanner:
         return dict(self._counters)
 
     def take(self) -> list[tuple[int, bytes]]:
-        """The output written since the last call, per stream, in stream order."""
+        """The output produced since the last call, per stream, in stream order."""
         out = [(stream, b"".join(parts)) for stream, parts in sorted(self._out.items()) if parts]
         self._out = {}
         return out
+
+    def write(self, fds: list[int]) -> None:
+        """Write the output produced since the last call: stream i to file descriptor fds[i]."""
+        for stream, data in self.take():
+            write_all(fds[stream], data, stream)
 
     def scan(self, buf: bytes | bytearray, pos: int, end: int) -> ScanResult:
         view = memoryview(buf)
@@ -491,7 +497,7 @@ class _Link:
 
     __slots__ = (
         "key", "family", "low", "high", "detector", "first_ts", "seen", "held_duplicates",
-        "tunnel", "linktype", "how", "confidence", "stream", "iface", "writer", "name",
+        "tunnel", "linktype", "how", "confidence", "stream", "iface", "name",
         "written", "file",
     )  # fmt: skip
 
@@ -507,7 +513,6 @@ class _Link:
         self.how = "detected"
         self.confidence = 0.0
         self.stream = self.iface = -1
-        self.writer: CaptureWriter | None = None
         self.name = ""
         self.written = [0, 0]  # frames written by Python: outbound, inbound
         self.file: str | None = None
@@ -550,6 +555,63 @@ def _link_key(flow: bytes) -> tuple[tuple[bytes, bytes, bytes], bool]:
     outbound = source <= destination
     low, high = (source, destination) if outbound else (destination, source)
     return (flow[:1], low, high), outbound
+
+
+def write_all(fd: int, data: bytes | memoryview, stream: int = 0) -> None:
+    """Write everything; an OSError names the stream in `filename`, as the C scanner does."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, stream) from None
+
+
+class _Output:
+    """One output file. Header blocks and records written by Python gather here; the
+    scanner's output goes from its own buffer straight to `fd`, after a `flush`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._close_fd = path != "-"
+        try:
+            self.fd = (
+                os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                if self._close_fd
+                else sys.stdout.fileno()
+            )
+        except OSError as exc:
+            raise self.error(exc) from None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def error(self, exc: OSError) -> CaptureError:
+        return CaptureError(f"cannot write {self.path}: {exc.strerror or exc}")
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= 1 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            try:
+                write_all(self.fd, data)
+            except OSError as exc:
+                raise self.error(exc) from None
+
+    def close(self, flush: bool = True) -> None:
+        try:
+            if flush:
+                self.flush()
+        finally:
+            if self._close_fd:
+                self._close_fd = False
+                os.close(self.fd)
 
 
 class _HeaderTap:
@@ -599,7 +661,8 @@ class Decap:
             raise RuntimeError("the C scanner (tunnelscope._scan) is not available")
         self.scanner: Scanner = None
         self.links: list[_Link] = []  # tunnel links, in order of decision
-        self._streams: list[tuple[str, CaptureWriter]] = []  # scanner stream -> (path, writer)
+        self._outputs: list[_Output] = []  # per scanner stream
+        self._fds: list[int] = []  # the same, for the scanner
         self._pending: dict[tuple[bytes, bytes, bytes], _Link] = {}  # oldest first
         self._queue: deque[tuple[int, bytes] | _Held] = deque()
         self._queued_bytes = 0
@@ -656,8 +719,7 @@ class Decap:
         if not self._pcapng_input:
             self.scanner.add_interface(linktype, tsresol, snaplen)
         if self.output is not None:
-            fmt = Format(pcapng=True, flush_ms=1000.0)  # flush_ms: write in large batches
-            self._streams.append((self.output, CaptureWriter.open(self.output, fmt)))
+            self._add_output(self.output).add(pcapng.section_header())
         else:
             try:
                 os.makedirs(self.split_dir or ".", exist_ok=True)
@@ -669,8 +731,8 @@ class Decap:
             self._finish()
             raise CaptureFormatError(str(exc)) from None
         except BaseException:
-            for _, writer in self._streams:
-                writer.sink.close()
+            for output in self._outputs:
+                output.close(flush=False)
             raise
         self._finish()
         return self._summary()
@@ -692,7 +754,6 @@ class Decap:
                     raise CaptureFormatError(self._truncated(end - pos))
                 return
             else:
-                self._flush_sinks()
                 if pos:  # move the incomplete record to the front
                     buf[: end - pos] = buf[pos:end]
                     end, pos = end - pos, 0
@@ -813,29 +874,39 @@ class Decap:
             f"{link.end_text(link.low)} <-> {link.end_text(link.high)}, "
             f"{link.linktype.name} ({how}), outbound = from {link.end_text(link.low)}"
         )
-        if self.split_dir is None:
-            writer = self._streams[0][1]
-            link.stream, link.iface = 0, writer.add_interface(link.linktype, name, description)
+        if self.split_dir is None:  # the IDB goes out now, before any of the link's frames
+            link.stream, link.iface = 0, len(self.links)
+            header = pcapng.interface_description(link.linktype, name, description)
+            self._outputs[0].add(header)
         else:
             suffix = f"-{number}" if number > 1 else ""
             link.file = os.path.join(self.split_dir, f"udp-{low}-{high}-{short}{suffix}.pcap")
-            fmt = Format(pcapng=False, nanosecond=self._out_nanosecond, flush_ms=1000.0)
-            writer = CaptureWriter.open(link.file, fmt)
-            writer.add_interface(link.linktype, name, description)
-            link.stream, link.iface = len(self._streams), 0
-            self._streams.append((link.file, writer))
-        writer.announce()  # the IDB goes out now, before any of the link's frames
+            link.stream, link.iface = len(self._outputs), 0
+            header = pcap.global_header(link.linktype, nanosecond=self._out_nanosecond)
+            self._add_output(link.file).add(header)
+
+    def _add_output(self, path: str) -> _Output:
+        output = _Output(path)
+        self._outputs.append(output)
+        self._fds.append(output.fd)
+        return output
 
     # -- output --------------------------------------------------------------------------------
 
     def _collect(self) -> None:
-        """Take the scanner's output; it waits in the queue behind undecided frames, if any."""
-        for stream, data in self.scanner.take():
-            if self._queue:
+        """The scanner's output goes straight to the files, or, while frames of undecided
+        links wait, into the queue behind them."""
+        if self._queue:
+            for stream, data in self.scanner.take():
                 self._queue.append((stream, data))
                 self._queued_bytes += len(data)
-            else:
-                self._write(stream, data)
+            return
+        for output in self._outputs:
+            output.flush()
+        try:
+            self.scanner.write(self._fds)
+        except OSError as exc:  # exc.filename: the failing stream
+            raise self._outputs[exc.filename].error(exc) from None
 
     def _flush_queue(self) -> None:
         queue = self._queue
@@ -861,26 +932,13 @@ class Decap:
                     item.orig_len,
                     direction,
                 )
-                self._write(link.stream, record)
+                self._outputs[link.stream].add(record)
                 link.written[0 if item.outbound else 1] += 1
                 self._counts["written"] += 1
             else:
                 queue.popleft()
                 self._queued_bytes -= len(item[1])
-                self._write(*item)
-
-    def _write(self, stream: int, data: bytes) -> None:
-        path, writer = self._streams[stream]
-        writer.sink.append(data, 0)
-        if writer.sink.error:
-            raise CaptureError(f"{path}: {writer.sink.error}")
-
-    def _flush_sinks(self) -> None:
-        """Called once per input chunk: what the sinks hold stays below one chunk in all."""
-        for path, writer in self._streams:
-            writer.sink.flush()
-            if writer.sink.error:
-                raise CaptureError(f"{path}: {writer.sink.error}")
+                self._outputs[item[0]].add(item[1])
 
     def _finish(self) -> None:
         """End of input: decide every waiting link, write everything, close the files."""
@@ -888,13 +946,8 @@ class Decap:
             self._decide(next(iter(self._pending.values())))
         self._collect()
         self._flush_queue()
-        for path, writer in self._streams:
-            if not writer.interfaces:  # no tunnel at all: still a valid, empty pcapng
-                writer.sink.set_header(pcapng.section_header())
-            try:
-                writer.close()
-            except CaptureError as exc:
-                raise CaptureError(f"{path}: {exc}") from None
+        for output in self._outputs:
+            output.close()
 
     def _summary(self) -> Summary:
         counters = self.scanner.counters()
@@ -940,8 +993,6 @@ def decap(
     """
     job = Decap(output, split_dir, options or Options(), progress)
     if source == "-":
-        import sys
-
         return job.run(sys.stdin.buffer)
     with open(source, "rb") as stream:
         return job.run(stream)

@@ -61,6 +61,7 @@ class EmulatedHost:
         self.peer_mac: str | None = None
         self._sent: dict[int, float] = {}
         self._slarp_sequence = 0
+        self._peer_sequence = 0  # the peer's last SLARP mysequence, echoed as yoursequence
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
 
@@ -108,7 +109,9 @@ class EmulatedHost:
 
     def _send_keepalive(self) -> None:
         self._slarp_sequence += 1
-        body = struct.pack("!IIIH", SLARP_KEEPALIVE, self._slarp_sequence, 0, 0xFFFF)
+        body = struct.pack(
+            "!IIIH", SLARP_KEEPALIVE, self._slarp_sequence, self._peer_sequence, 0xFFFF
+        )
         self._send(struct.pack("!BBH", 0x8F, 0, SLARP) + body)
 
     def _serve(self) -> None:
@@ -135,8 +138,11 @@ class EmulatedHost:
                 return
             src_mac, packet = eth.src, bytes(eth.payload)
         else:
-            if len(frame) < 4 or struct.unpack("!H", frame[2:4])[0] != ETH_IPV4:
-                return  # keepalives and everything else
+            protocol = struct.unpack("!H", frame[2:4])[0] if len(frame) >= 4 else 0
+            if protocol == SLARP and len(frame) >= 12:
+                self._peer_sequence = struct.unpack("!I", frame[8:12])[0]
+            if protocol != ETH_IPV4:
+                return
             src_mac, packet = "", frame[4:]
         ip = IP(packet)
         if ICMP not in ip or ip.dst != self.ip:

@@ -14,7 +14,8 @@ import click
 
 from tunnelscope.cli.common import Failure, echo_json
 from tunnelscope.nio import Endpoint, EndpointError, open_endpoint
-from tunnelscope.traffic import FRAMINGS, FrameFactory, Framing, blast as run_blast
+from tunnelscope.traffic import FRAMINGS, FrameFactory, Framing
+from tunnelscope.traffic import blast as run_blast
 
 _DEFAULTS = Framing()
 

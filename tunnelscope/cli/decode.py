@@ -39,7 +39,7 @@ _P2P_DIR = {0: Direction.OUTBOUND, 1: Direction.INBOUND}  # tshark's frame.p2p_d
 def decode(path: str, count: int | None, as_json: bool, linktype: str | None) -> None:
     """Print the frames of a pcap or pcapng capture (FILE, or - for standard input).
 
-    One line per frame, as tcpdump prints them: time, link (the interface name, or the link
+    One line per frame, as tcpdump prints them: local time, link (the interface name, or the link
     type when the file names none), direction where the capture records it (> sent, <
     received: pcapng flags, link types 204-206), then what the frame carries.
 
@@ -49,7 +49,8 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
 
     Exit status: 0 when the whole capture was read; 1 when it ends in a damaged record (the
     frames before it are printed, a warning goes to stderr); 2 when it cannot be read at
-    all (missing file, not a capture), with one line `tunnelscope: error: REASON` on stderr.
+    all (missing file, not a capture) or the output fails, with one line
+    `tunnelscope: error: REASON` on stderr.
 
     \b
     Examples:
@@ -82,30 +83,45 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
 def _print_frames(
     reader: Reader, count: int | None, as_json: bool, forced: LinkType | None, live: bool
 ) -> str | None:
-    """Print frames until the end or `count`; return why reading stopped early, if it did.
-
-    A reader that goes away (`| head`) ends the command quietly, as it ends tcpdump.
-    """
-    out = sys.stdout
+    """Print frames until the end or `count`; return why reading stopped early, if it did."""
+    frames = iter(reader)
     number = 0
-    try:
-        for packet in reader:
-            number += 1
-            frame = _frame(reader, packet, number, forced)
-            out.write(json.dumps(frame) if as_json else _line(frame, packet, reader))
-            out.write("\n")
-            if live:
-                out.flush()
-            if number == count:
-                break
-        out.flush()
-    except BrokenPipeError:
-        _silence_stdout()
-    except CaptureFormatError as exc:
-        return str(exc)
-    except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
-        return exc.strerror or str(exc)
+    while number != count:
+        try:
+            packet = next(frames, None)
+        except CaptureFormatError as exc:
+            return str(exc)
+        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
+            return exc.strerror or str(exc)
+        if packet is None:
+            break
+        number += 1
+        frame = _frame(reader, packet, number, forced)
+        if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+            return None
+    _write("", flush=True)
     return None
+
+
+def _write(line: str, flush: bool) -> bool:
+    """Print a line (if any); False when the reader went away (`| head`): stop quietly.
+
+    Any other output error (disk full) is fatal; stdout then points at /dev/null so the
+    interpreter's last flush cannot print a second error.
+    """
+    try:
+        if line:
+            sys.stdout.write(line + "\n")
+        if flush:
+            sys.stdout.flush()
+    except OSError as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        if isinstance(exc, BrokenPipeError):
+            return False
+        raise Failure(f"standard output: {exc.strerror or exc}") from None
+    return True
 
 
 def _frame(reader: Reader, packet: Packet, number: int, forced: LinkType | None) -> dict:
@@ -162,10 +178,3 @@ def _is_live(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return not stat.S_ISREG(mode)
-
-
-def _silence_stdout() -> None:
-    """After EPIPE, point stdout at /dev/null so the interpreter's final flush is quiet."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)

@@ -96,14 +96,15 @@ def _show_capture(path: Path) -> None:
         packets = list(reader)
         interfaces = reader.interfaces
     click.echo(f"\n{path} ({LinkType(interfaces[0].linktype).short_name}, {len(packets)} frames):")
-    for packet in packets[:24]:
-        name = interfaces[packet.interface].name
+    shown = 14
+    for packet in packets[:shown]:
+        name = interfaces[packet.interface].name or path.stem
         arrow = {1: "<", 2: ">"}.get(int(packet.direction), " ")
         note = f"  [{packet.comment}]" if packet.comment else ""
         summary = decode(packet.linktype, packet.data).summary
         click.echo(f"  {name:12} {arrow} {summary}{note}")
-    if len(packets) > 24:
-        click.echo(f"  ... {len(packets) - 24} more")
+    if len(packets) > shown:
+        click.echo(f"  ... {len(packets) - shown} more")
     if shutil.which("tshark"):
         done = subprocess.run(
             ["tshark", "-r", str(path), "-T", "fields", "-e", "frame.protocols"],

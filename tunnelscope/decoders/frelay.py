@@ -219,7 +219,7 @@ def _lmi(b: Builder, flavour: str, message: int, elements: bytes) -> None:
             else:
                 b.fields.update({"lmi.send_seq": send, "lmi.recv_seq": receive})
             words.append(f"send {send} receive {receive}")
-        elif ident == pvc_id and length >= 3 and not (q933 and length > 3):  # 2-byte DLCIs
+        elif ident == pvc_id and (length == 3 if q933 else length >= 3):  # Q.933: 2-byte DLCI
             pvcs.append(_pvc_status(b, q933, value))
     if pvcs:
         words.append("PVC " + ", ".join(pvcs))

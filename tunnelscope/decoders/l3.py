@@ -153,10 +153,10 @@ def ipv4(b: Builder, data: bytes) -> None:
         b.bad(f"IPv4 total length {ip.len}")
     elif ip.len > len(data):
         b.bad(f"IPv4 total length {ip.len} past the end of the frame")
-    elif ip.offset:
-        b.text(f"fragment offset {ip.offset}")
+    elif ip.offset or ip.mf:  # as tshark (which reassembles): no transport layer per fragment
+        b.text(f"fragment id {ip.id} offset {ip.offset * 8}")
     else:
-        _transport(b, ip.p, ip.data, icmp=dpkt.ip.IP_PROTO_ICMP)
+        _transport(b, ip.p, ip.data, v6=False)
 
 
 def ipv6(b: Builder, data: bytes) -> None:
@@ -188,14 +188,16 @@ def ipv6(b: Builder, data: bytes) -> None:
         return
     for extension in ip6.all_extension_headers:
         b.layer(_IPV6_EXTENSIONS[type(extension)])
-    if hasattr(ip6, "p"):  # dpkt leaves it unset after ESP: the rest is encrypted
-        _transport(b, ip6.p, ip6.data, icmp=dpkt.ip.IP_PROTO_ICMP6)
+    if dpkt.ip.IP_PROTO_FRAGMENT in ip6.extension_hdrs:
+        b.text("fragment")
+    elif hasattr(ip6, "p"):  # dpkt leaves it unset after ESP: the rest is encrypted
+        _transport(b, ip6.p, ip6.data, v6=True)
 
 
-def _transport(b: Builder, proto: int, payload: object, icmp: int) -> None:
+def _transport(b: Builder, proto: int, payload: object, v6: bool) -> None:
     """The layer after IPv4/IPv6: dpkt has parsed it already, or left bytes if it could not."""
-    if proto == icmp:
-        _icmp(b, payload, "icmp" if icmp == dpkt.ip.IP_PROTO_ICMP else "icmpv6")
+    if proto == (dpkt.ip.IP_PROTO_ICMP6 if v6 else dpkt.ip.IP_PROTO_ICMP):
+        _icmp(b, payload, "icmpv6" if v6 else "icmp")
     elif proto == dpkt.ip.IP_PROTO_UDP:
         b.layer("udp")
         if isinstance(payload, bytes):
@@ -205,8 +207,8 @@ def _transport(b: Builder, proto: int, payload: object, icmp: int) -> None:
             {"udp.srcport": payload.sport, "udp.dstport": payload.dport, "udp.length": payload.ulen}
         )
         b.text(f"UDP {payload.sport} > {payload.dport} len {payload.ulen - 8}")
-        if payload.ulen > 8 + len(payload.data):
-            b.bad(f"UDP length {payload.ulen} past the end of the frame")
+        if not 8 <= payload.ulen <= 8 + len(payload.data):
+            b.bad(f"UDP length {payload.ulen}")
     elif proto == dpkt.ip.IP_PROTO_TCP:
         _tcp(b, payload)
     elif proto in _NAMED_IP_PROTOCOLS:
@@ -221,7 +223,7 @@ def _tcp(b: Builder, tcp: object) -> None:
     if isinstance(tcp, bytes) or len(tcp.opts) < tcp.off * 4 - 20:
         b.bad("truncated TCP header")
         return
-    flags = tcp.flags & 0xFFF
+    flags = tcp.flags
     letters = "".join(
         ("." if letter == "A" else letter)
         for bit, letter in enumerate(_TCP_FLAGS)

@@ -2053,6 +2053,27 @@ static PyObject *Loop_set_capture(LoopObject *L, PyObject *args)
 
 enum { RUN_DONE, RUN_SIGNAL, RUN_EXCEPTION, RUN_ERROR };
 
+/* 1 on the main thread (threading.main_thread()), 0 elsewhere, -1 with an exception. */
+static int on_main_thread(void)
+{
+    PyObject *threading = PyImport_ImportModule("threading");
+    if (!threading)
+        return -1;
+    PyObject *main = PyObject_CallMethod(threading, "main_thread", NULL);
+    Py_DECREF(threading);
+    if (!main)
+        return -1;
+    PyObject *ident = PyObject_GetAttrString(main, "ident");
+    Py_DECREF(main);
+    if (!ident)
+        return -1;
+    unsigned long value = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (value == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    return value == PyThread_get_thread_ident();
+}
+
 static PyObject *Loop_run(LoopObject *L, PyObject *arg)
 {
     long long timeout_ms = PyLong_AsLongLong(arg);
@@ -2064,6 +2085,15 @@ static PyObject *Loop_run(LoopObject *L, PyObject *arg)
     pthread_mutex_unlock(&L->lock);
     if (busy) {
         PyErr_SetString(PyExc_RuntimeError, "Loop.run() is already running in another thread");
+        return NULL;
+    }
+    /* Python runs signal handlers in the main thread only: elsewhere there is nothing to
+     * check, and taking the GIL for nothing could delay due frames by a switch interval. */
+    int main_thread = on_main_thread();
+    if (main_thread < 0) {
+        lock_with_gil(&L->lock);
+        L->running = false;
+        pthread_mutex_unlock(&L->lock);
         return NULL;
     }
     int64_t start = mono_ns();
@@ -2118,7 +2148,7 @@ static PyObject *Loop_run(LoopObject *L, PyObject *arg)
             pthread_mutex_unlock(&L->lock);
             break;
         }
-        if (now - last_check >= SIGNAL_CHECK_NS) {
+        if (main_thread && now - last_check >= SIGNAL_CHECK_NS) {
             last_check = now;
             Py_BLOCK_THREADS
             int r = PyErr_CheckSignals();

@@ -1,0 +1,273 @@
+"""Dynagen's verbs against a running `tunnelscope serve`: capture, filter, links, stats.
+
+Each command is one or two requests on the control protocol (docs/control.md); the served
+process does the work, so a verb can never leave the lab half-configured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.control import (
+    CONTROL_ENV,
+    DEFAULT_CONTROL,
+    ControlClient,
+    ControlError,
+    ControlUnavailable,
+)
+from tunnelscope.engine import CAPTURE_POINTS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def control_option(function: F) -> F:
+    return click.option(
+        "--control",
+        metavar="HOST:PORT",
+        envvar=CONTROL_ENV,
+        default=DEFAULT_CONTROL,
+        show_default=True,
+        help="The control address of the running `tunnelscope serve`.",
+    )(function)
+
+
+def connect(control: str) -> ControlClient:
+    try:
+        return ControlClient(control)
+    except (ControlUnavailable, ValueError) as exc:
+        raise Failure(str(exc)) from None
+
+
+def ask(client: ControlClient, *words: str) -> list[str]:
+    """One request; an error reply or a lost connection is the command's one-line error."""
+    try:
+        return client.request(*words)
+    except (ControlError, ControlUnavailable, ValueError) as exc:
+        raise Failure(str(exc)) from None
+
+
+def fetch_links(client: ControlClient) -> list[dict[str, Any]]:
+    try:
+        return client.links()
+    except (ControlError, ControlUnavailable) as exc:
+        raise Failure(str(exc)) from None
+
+
+@click.command()
+@click.argument("device")
+@click.argument("interface")
+@click.argument("file", required=False)
+@click.argument("linktype", required=False, metavar="[ETH|HDLC|PPP|FR]")
+@click.option("--stop", is_flag=True, help="Stop the capture on DEVICE INTERFACE.")
+@click.option(
+    "--at",
+    "point",
+    type=click.Choice(CAPTURE_POINTS),
+    default="post",
+    show_default=True,
+    help="post: frames as delivered (Dynagen, ubridge); pre: as received, drops marked"
+    " in pcapng; both: two pcapng interfaces.",
+)
+@click.option("--pcapng", is_flag=True, help="Write pcapng whatever FILE is called.")
+@control_option
+def capture(
+    device: str,
+    interface: str,
+    file: str | None,
+    linktype: str | None,
+    stop: bool,
+    point: str,
+    pcapng: bool,
+    control: str,
+) -> None:
+    """Capture the link on DEVICE INTERFACE into FILE, in the lab's captures directory.
+
+    The encapsulation is detected from the first frames when LINKTYPE is omitted. FILE is
+    relative to the captures directory of the served lab; names leaving it are refused.
+
+    \b
+    Examples:
+      tunnelscope capture R1 s1/0 r1.cap HDLC
+      tunnelscope capture R1 f0/0 r1.pcapng --at both
+      tunnelscope capture --stop R1 s1/0
+    """
+    with connect(control) as client:
+        if stop:
+            if file or linktype:
+                raise Failure("capture --stop takes DEVICE INTERFACE only")
+            click.echo(ask(client, "lab", "stop_capture", device, interface)[-1])
+            return
+        if not file:
+            raise Failure("give the capture FILE (or --stop)")
+        words = [file, linktype or "auto", point] + (["pcapng"] if pcapng else [])
+        click.echo(ask(client, "lab", "capture", device, interface, *words)[-1])
+
+
+@click.command(name="filter", context_settings={"ignore_unknown_options": True})
+@click.argument("device")
+@click.argument("interface")
+@click.argument("words", nargs=-1, required=True, metavar="TYPE in|out|both [ARGS]... | none")
+@control_option
+def filter_(device: str, interface: str, words: tuple[str, ...], control: str) -> None:
+    """Set an impairment on DEVICE INTERFACE, as Dynagen's `filter` did; `none` removes them.
+
+    in, out and both are the directions as DEVICE sees them: in is what it receives. Every
+    impairment works (freq_drop, packet_loss, burst_loss, delay, rate, corrupt, duplicate,
+    reorder); setting the same one again in the same direction replaces it.
+
+    \b
+    Examples:
+      tunnelscope filter R1 s1/0 freq_drop in 50      # drop every 50th frame R1 receives
+      tunnelscope filter R1 s1/0 delay both 20 5
+      tunnelscope filter R1 s1/0 none
+    """
+    with connect(control) as client:
+        click.echo(ask(client, "lab", "filter", device, interface, *words)[-1])
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the links as JSON.")
+@control_option
+def links(as_json: bool, control: str) -> None:
+    """List the served links: ends, endpoints, encapsulation, rates, drops, captures.
+
+    \b
+    Examples:
+      tunnelscope links
+      tunnelscope links --json | jq '.[].capture'
+    """
+    with connect(control) as client:
+        data = fetch_links(client)
+    if as_json:
+        echo_json(data)
+        return
+    _console().print(links_table(data))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
+@click.option("--count", type=int, metavar="N", help="Stop after N refreshes.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds.")
+@control_option
+def stats(as_json: bool, count: int | None, interval: float, control: str) -> None:
+    """Show every link's per-direction rates, drops by cause and capture state, live.
+
+    \b
+    Examples:
+      tunnelscope stats                   # refreshes every second; Ctrl-C quits
+      tunnelscope stats --json | jq '.[] | {name, rates}'
+    """
+    with connect(control) as client:
+        if as_json:
+            echo_json(fetch_links(client))
+            return
+        console = _console()
+        shown = 0
+        try:
+            with Live(
+                stats_table(fetch_links(client)), console=console, auto_refresh=False
+            ) as live:
+                while count is None or shown < count:
+                    live.update(stats_table(fetch_links(client)), refresh=True)
+                    shown += 1
+                    if count is None or shown < count:
+                        time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+# --- tables, shared with the console ----------------------------------------------------------
+
+
+def _console() -> Console:
+    """Wide enough not to wrap when the output is a pipe or a file."""
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size().columns, 200)
+    return Console(width=width, highlight=False)
+
+
+def link_title(link: dict[str, Any]) -> str:
+    ends = link.get("ends")
+    return f"{ends[0]} -- {ends[1]}" if ends else link["name"]
+
+
+def _rate(link: dict[str, Any], direction: str, key: str = "forwarded") -> str:
+    value = link.get("rates", {}).get(direction, {}).get(key)
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _drops(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "-"
+    dropped = stats["dropped"]
+    if not dropped:
+        return "0"
+    causes = ", ".join(f"{cause} {n}" for cause, n in sorted(dropped.items()))
+    return f"{sum(dropped.values())} ({causes})"
+
+
+def _capture(link: dict[str, Any]) -> str:
+    capture = link.get("capture")
+    if not capture:
+        return "-"
+    if capture.get("pending"):
+        return f"{capture['path']} (starts with the link)"
+    return f"{capture['path']} ({capture['frames']} frames, {capture['point']})"
+
+
+def links_table(data: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for column in ("LINK", "ENDPOINTS", "ENCAP", "FILTERS", "FWD/S A>B", "FWD/S B>A"):
+        table.add_column(column)
+    for column in ("DROPS", "CAPTURE"):
+        table.add_column(column)
+    for link in data:
+        stats = link.get("stats") or {}
+        drops = [_drops(stats.get(d)) for d in ("a2b", "b2a")] if stats else ["stopped"]
+        table.add_row(
+            link_title(link),
+            "\n".join(link["endpoints"]),
+            link.get("encapsulation") or "auto",
+            "\n".join(f"{f['direction']} {f['impairment']}" for f in link["filters"]) or "-",
+            _rate(link, "a2b"),
+            _rate(link, "b2a"),
+            " / ".join(drops),
+            _capture(link),
+        )
+    return table
+
+
+def stats_table(data: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, title=time.strftime("%H:%M:%S"), title_justify="left")
+    columns = ("LINK", "DIRECTION", "RX/S", "FWD/S", "RECEIVED", "FORWARDED", "DROPPED", "QUEUED")
+    for column in (*columns, "CAPTURE"):
+        table.add_column(column, justify="right" if column.endswith(("/S", "ED")) else "left")
+    for link in data:
+        stats = link.get("stats")
+        if not stats:
+            table.add_row(link_title(link), "stopped", *["-"] * 6, _capture(link))
+            continue
+        ends = link.get("ends") or ["a", "b"]
+        for direction, (src, dst) in (("a2b", ends), ("b2a", ends[::-1])):
+            counters = stats[direction]
+            table.add_row(
+                link_title(link) if direction == "a2b" else "",
+                f"{src} > {dst}",
+                _rate(link, direction, "received"),
+                _rate(link, direction),
+                str(counters["received"]),
+                str(counters["forwarded"]),
+                _drops(counters),
+                str(counters["queued"]),
+                _capture(link) if direction == "a2b" else "",
+            )
+    return table

@@ -1,0 +1,157 @@
+"""`tunnelscope serve LAB`: every link of a lab in one process, controlled like ubridge."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import signal
+import sys
+
+import click
+
+from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.control import (
+    CONTROL_ENV,
+    DEFAULT_CONTROL,
+    ControlError,
+    Switchboard,
+    parse_address,
+    run_service,
+)
+from tunnelscope.engine import Engine
+from tunnelscope.lab import Lab, LabError, load_lab
+from tunnelscope.nio import EndpointError
+
+
+@click.command()
+@click.argument("lab_file", metavar="LAB")
+@click.option("--dry-run", is_flag=True, help="Print the port plan and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option(
+    "--control",
+    metavar="HOST:PORT",
+    envvar=CONTROL_ENV,
+    default=DEFAULT_CONTROL,
+    show_default=True,
+    help="Where the control protocol listens (loopback unless HOST says otherwise; port 0:"
+    " any free port, printed).",
+)
+@click.option("--captures", metavar="DIR", help="Capture directory (default: the lab's).")
+@click.option("--seed", type=int, help="Seed of the random impairments (link N gets SEED+N).")
+@click.option(
+    "--backend", type=click.Choice(["auto", "c", "python"]), default="auto", show_default=True
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every control request and reply.")
+def serve(
+    lab_file: str,
+    dry_run: bool,
+    as_json: bool,
+    control: str,
+    captures: str | None,
+    seed: int | None,
+    backend: str,
+    verbose: bool,
+) -> None:
+    """Run every link of LAB (a .toml lab file or a Dynagen .net file) in one process.
+
+    tunnelscope opens an endpoint per link end and relays between them; each emulator is
+    pointed at tunnelscope instead of at its peer, as the port plan says. A .net file's UDP
+    ports are allocated like Dynagen's, from its `udp` base port: two per link end, the
+    emulator's, then tunnelscope's.
+
+    While it runs, `capture`, `filter`, `links`, `stats` and `console` talk to it through the
+    control port, which speaks ubridge's protocol. Ctrl-C or SIGTERM stops cleanly: captures
+    are closed valid.
+
+    \b
+    Examples:
+      tunnelscope serve labs/two-vpcs.toml --dry-run       # the port plan only
+      tunnelscope serve labs/two-vpcs.net --control 127.0.0.1:7300
+      TUNNELSCOPE_CONTROL=127.0.0.1:7300 tunnelscope capture PC1 e0 pc1.pcap
+    """
+    try:
+        lab = load_lab(lab_file, captures)
+        address = parse_address(control)
+    except (LabError, ValueError) as exc:
+        raise Failure(str(exc)) from None
+    if dry_run:
+        _print_plan(lab, as_json)
+        return
+    try:
+        os.makedirs(lab.captures, exist_ok=True)
+    except OSError as exc:
+        raise Failure(f"cannot create {lab.captures}: {exc.strerror}") from None
+    try:
+        engine = Engine(backend)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    switchboard = Switchboard(engine, lab.captures, lab, seed)
+    try:
+        switchboard.start_lab()
+    except (EndpointError, ControlError, LabError, ValueError) as exc:
+        switchboard.close()
+        engine.close()
+        raise Failure(str(exc)) from None
+
+    def ready(bound: tuple[str, int]) -> None:
+        _print_plan(lab, False)
+        where = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        click.echo(f"captures in {lab.captures}")
+        click.echo(f"control on {where}  (export {CONTROL_ENV}={where})")
+        if not ipaddress.ip_address(bound[0]).is_loopback:
+            click.echo(f"tunnelscope: warning: control on {where} has no authentication", err=True)
+        sys.stdout.flush()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: engine.stop())
+    try:
+        notes = run_service(
+            switchboard,
+            address,
+            on_ready=ready,
+            log=(lambda line: click.echo(line, err=True)) if verbose else None,
+            on_news=lambda news: click.echo(f"tunnelscope: warning: {news}", err=True),
+        )
+    except OSError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        engine.close()  # closes every link still open, and its capture
+    for note in notes:
+        click.echo(note)
+
+
+def _print_plan(lab: Lab, as_json: bool) -> None:
+    rows = lab.plan()
+    if as_json:
+        echo_json(
+            {
+                "lab": lab.name,
+                "file": lab.path,
+                "captures": lab.captures,
+                "links": [
+                    {
+                        "name": link.name,
+                        "ends": [str(end.end) for end in link.ends],
+                        "endpoints": [end.endpoint for end in link.ends],
+                        "encapsulation": link.encapsulation.short_name
+                        if link.encapsulation
+                        else None,
+                        "impairments": [str(i) for i in link.impairments],
+                    }
+                    for link in lab.links
+                ],
+                "plan": [dataclasses.asdict(row) for row in rows],
+            }
+        )
+        return
+    count = len(lab.links)
+    click.echo(f"lab {lab.name} ({lab.path}): {count} link{'s' * (count != 1)}")
+    table = [("DEVICE", "INTERFACE", "EMULATOR PORT", "SENDS TO", "CONFIGURE", "LINK")]
+    for row in rows:
+        port = str(row.emulator_port) if row.emulator_port else "-"
+        remote = row.emulator_remote or "-"
+        table.append((row.device, row.interface, port, remote, row.hint, row.link))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
