@@ -11,7 +11,7 @@ import struct
 
 from scapy.contrib.cdp import CDPMsgDeviceID, CDPMsgPlatform, CDPMsgPortID, CDPv2_HDR
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.layers.ppp import (
     HDLC,
@@ -201,6 +201,9 @@ def ethernet_frames() -> list[bytes]:
         + b"\x42\x42\x03"
         + bytes(35),
         bytes(base)[:12] + b"\x88\x47" + labels + ping(),
+        # first fragments: tshark (and tunnelscope) decode no transport layer from them
+        bytes(base / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF", id=9) / UDP() / bytes(40)),
+        bytes(base / IPv6() / IPv6ExtHdrFragment(m=1, id=3) / UDP() / bytes(16)),
     ]
 
 

@@ -57,6 +57,8 @@ def test_lmi_flavour_and_pvc_lists() -> None:
     cisco = decode(LinkType.FRELAY, lmi("cisco", 0x7D, 0, 4, 3, ((1000, ACTIVE),)))
     assert (cisco.fields["lmi.type"], cisco.fields["fr.dlci"]) == ("cisco", 1023)
     assert (cisco.fields["lmi.dlci"], cisco.fields["lmi.dlci_act"]) == ([1000], [1])
+    parts = zip(cisco.fields["lmi.dlci_hi"], cisco.fields["lmi.dlci_low"])  # tshark's fields
+    assert cisco.fields["lmi.dlci"] == [high << 4 | low for high, low in parts]
     assert (cisco.fields["lmi.send_seq"], cisco.fields["lmi.recv_seq"]) == (4, 3)
 
 

@@ -119,17 +119,3 @@ def test_ppp_direction_byte_agrees_with_tshark(tmp_path) -> None:
             expected = [tshark.value(text) for text in row[field]]
             assert _as_tshark(decoded.fields.get(field)) == expected, field
     assert [decode(204, frame).fields["frame.p2p_dir"] for frame in frames] == [1, 0, 0]
-
-
-@tshark.required
-def test_cisco_lmi_dlci_is_tsharks_high_and_low_parts(tmp_path) -> None:
-    frame = fr_frames()[9]
-    path = write_pcap(tmp_path / "lmi.pcap", LinkType.FRELAY, [frame])
-    rows = tshark.fields(path, ["lmi.dlci_hi", "lmi.dlci_low"])
-    high = [int(text) for text in rows[0]["lmi.dlci_hi"]]
-    low = [int(text) for text in rows[0]["lmi.dlci_low"]]
-    assert (
-        decode(LinkType.FRELAY, frame).fields["lmi.dlci"]
-        == [(h << 4) | lo for h, lo in zip(high, low)]
-        == [100, 200]
-    )

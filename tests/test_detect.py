@@ -25,6 +25,7 @@ from test_decoders_frames import (
 from tunnelscope.capture import open_capture
 from tunnelscope.detect import (
     IMPOSSIBLE,
+    MALFORMED,
     RECOGNISED,
     UNKNOWN_PAYLOAD,
     LinkTypeDetector,
@@ -80,6 +81,20 @@ def test_the_reference_captures_are_detected(name: str) -> None:
     result = detect_linktype(packet.data for packet in packets)
     assert result.linktype == packets[0].linktype
     assert result.confidence >= 0.9
+
+
+def test_scores_follow_the_table() -> None:
+    broadcast_arp = ethernet_frames()[4]
+    assert score(LinkType.ETHERNET, broadcast_arp) == RECOGNISED
+    assert score(LinkType.PPP_SERIAL, broadcast_arp) == IMPOSSIBLE  # FF FF, not FF 03
+    assert score(LinkType.C_HDLC, b"\x0f\x01\x08\x00" + ping()) == IMPOSSIBLE
+    assert score(LinkType.FRELAY, bytes([0x18, 0x40, 0x01]) + ping()) == IMPOSSIBLE  # 3 bytes
+    assert score(LinkType.ETHERNET, bytes(13)) == IMPOSSIBLE
+    group_source = bytes(6) + b"\x01" + bytes(5) + b"\x08\x00" + ping()
+    assert score(LinkType.ETHERNET, group_source) == MALFORMED
+    assert score(LinkType.C_HDLC, slarp_keepalive(1, 0)[:-1]) == MALFORMED
+    assert score(LinkType.C_HDLC, chdlc(0x1234, b"")) == UNKNOWN_PAYLOAD
+    assert score(LinkType.FRELAY, lmi("q933", 0x75, 1, 1, 0)) == RECOGNISED
 
 
 def test_ethernet_to_macs_that_start_like_hdlc_or_ppp_is_still_ethernet() -> None:

@@ -37,7 +37,9 @@ among the last DEDUPE_CAPACITY frames kept, counting only frames of flows not al
 be non-tunnels. Dropped copies are not remembered, so the original stays the reference. The C
 scanner compares 64-bit payload hashes, the Python one 128-bit digests. Through a ubridge, the
 node -> ubridge flow is seen first in both directions, so one link's frames end up on two
-interfaces: each keeps the direction whose node it faces.
+interfaces: each keeps the direction whose node it faces. The rule cannot tell a relayed copy
+from a frame an emulated switch floods to several links at once (broadcasts): those collapse
+to their first link too, so dedupe is for captures in which a relay doubles every frame.
 """
 
 from __future__ import annotations
@@ -50,13 +52,17 @@ import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Optional, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Union
 
 from tunnelscope import pcap, pcapng
 from tunnelscope.capture import CaptureError, read_capture
 from tunnelscope.detect import LinkTypeDetector
 from tunnelscope.linktype import LinkType
 from tunnelscope.packet import MAX_CAPLEN, CaptureFormatError, Direction
+
+if TYPE_CHECKING:
+    from tunnelscope._scan import Scanner as CScanner
 
 CHUNK = 4 << 20  # input read size
 FRAME_BUDGET = 16  # frames a link may hold while its link type is being detected
@@ -112,7 +118,7 @@ def c_scanner_available() -> bool:
     return _load_c() is not None
 
 
-def _load_c():  # noqa: ANN202 - the module or None
+def _load_c() -> ModuleType | None:
     if os.environ.get("TUNNELSCOPE_NO_C"):
         return None
     try:
@@ -383,7 +389,7 @@ class PyScanner:
             counters["fragments" if found == FRAGMENT else "not_udp"] += 1
             return None
         key, off, length, orig_len = found  # type: ignore[misc]
-        if self._port_mode:
+        if self._port_mode != PORTS_ALL:
             listed = self._ports_listed(key)
             if listed != (self._port_mode == PORTS_ONLY):
                 counters["not_tunnel"] += 1
@@ -431,7 +437,7 @@ def encode_record(
     return pcap.record(ts, payload, orig_len, nanosecond)
 
 
-Scanner = Union["PyScanner", object]  # or tunnelscope._scan.Scanner: the same duck type
+Scanner = Union["CScanner", PyScanner]
 
 
 def port_bitmap(ports: Iterable[int]) -> bytes:
@@ -643,6 +649,8 @@ def _fill(stream: BinaryIO, buf: bytearray, start: int) -> int:
 class Decap:
     """One run: input stream in, pcapng (or one pcap per link) out, a `Summary` back."""
 
+    scanner: Scanner  # made by run(), once the input's format is known
+
     def __init__(
         self,
         output: str | None,
@@ -659,7 +667,6 @@ class Decap:
         self._module = _load_c() if options.use_c is not False else None
         if options.use_c and self._module is None:
             raise RuntimeError("the C scanner (tunnelscope._scan) is not available")
-        self.scanner: Scanner = None
         self.links: list[_Link] = []  # tunnel links, in order of decision
         self._outputs: list[_Output] = []  # per scanner stream
         self._fds: list[int] = []  # the same, for the scanner
@@ -783,8 +790,8 @@ class Decap:
             link = self._pending[key] = _Link(key, ts)
         payload = bytes(buf[off : off + caplen])
         known = self.options.ports is not None and self.options.linktype is not None
-        if not known:
-            link.detector.feed(payload)
+        if not known:  # a snaplen cut must not read as malformed: judge it zero-filled
+            link.detector.feed(payload + bytes(orig_len - caplen) if orig_len > caplen else payload)
         link.seen += 1
         if duplicate:
             link.held_duplicates += 1

@@ -162,3 +162,65 @@ class EmulatedHost:
             self._send(bytes(reply).ljust(60, b"\0"))
         elif arp.op == 2 and arp.pdst == self.ip:
             self.peer_mac = arp.hwsrc
+
+
+def serial_samples(count: int = 4) -> dict[str, list[tuple[bool, bytes]]]:
+    """PPP and Frame Relay conversations, (sent by the lower port?, frame), as routers send.
+
+    PPP: LCP Configure-Requests with a magic number, then ICMP over IPv4 (FF 03 00 21).
+    Frame Relay: ANSI T1.617 Annex D status enquiries on DLCI 0 answered by link-integrity
+    status, then ICMP over IETF encapsulation (Q.922 DLCI 100, control 03, NLPID CC).
+    """
+
+    def echo(seq: int, reply: bool) -> bytes:
+        src, dst = ("10.2.2.2", "10.2.2.1") if reply else ("10.2.2.1", "10.2.2.2")
+        return bytes(IP(src=src, dst=dst) / ICMP(type=0 if reply else 8, id=7, seq=seq))
+
+    ppp: list[tuple[bool, bytes]] = []
+    frelay: list[tuple[bool, bytes]] = []
+    for seq in range(1, count + 1):
+        for outbound in (True, False):
+            magic = struct.pack("!I", 0x1000 + seq + outbound)
+            lcp = struct.pack("!BBH", 1, seq, 10) + bytes([5, 6]) + magic
+            ppp.append((outbound, bytes.fromhex("ff03c021") + lcp))
+            ppp.append((outbound, bytes.fromhex("ff030021") + echo(seq, not outbound)))
+        enquiry = bytes.fromhex("0001030800759501010103 02") + bytes([seq, seq - 1])
+        status = bytes.fromhex("00010308007d 950101 0103 02") + bytes([seq, seq])
+        frelay.append((True, enquiry))
+        frelay.append((False, status))
+        frelay.append((True, bytes.fromhex("184103cc") + echo(seq, False)))
+        frelay.append((False, bytes.fromhex("184103cc") + echo(seq, True)))
+    return {"ppp": ppp, "fr": frelay}
+
+
+def write_host_capture(path: str, links: dict[tuple[int, int], list[tuple[bool, bytes]]]) -> int:
+    """A loopback capture as `tcpdump -i lo -w` writes it, holding the given tunnels.
+
+    Each link is (lower port, higher port); frames go lower -> higher when `outbound`. A DNS
+    query is mixed in: decap must leave it out.
+    """
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import UDP
+
+    from tunnelscope.capture import CaptureWriter, Format
+
+    writer = CaptureWriter.open(path, Format())
+    interface = writer.add_interface(1, "lo")
+    ts = 1_700_000_000_000_000_000
+    mac = "00:00:00:00:00:00"
+
+    def datagram(sport: int, dport: int, payload: bytes) -> bytes:
+        outer = Ether(src=mac, dst=mac) / IP(src="127.0.0.1", dst="127.0.0.1")
+        return bytes(outer / UDP(sport=sport, dport=dport) / payload)
+
+    written = 0
+    for (low, high), frames in links.items():
+        for outbound, frame in frames:
+            ports = (low, high) if outbound else (high, low)
+            ts += 1_000_000
+            writer.write(interface, ts, datagram(*ports, frame))
+            written += 1
+    query = bytes(DNS(rd=1, qd=DNSQR(qname="gns3.com")))
+    writer.write(interface, ts + 1_000_000, datagram(40000, 53, query))
+    writer.close()
+    return written

@@ -71,7 +71,7 @@ class _PythonLoop:
         return RecordSink(fd, fmt.flush_ms, close_fd=True)
 
     def set_capture(self, bridge: int, writer: CaptureWriter | None, pre: int, post: int) -> None:
-        tap = pipeline.CaptureTap(writer, writer.sink, pre, post) if writer else None
+        tap = pipeline.CaptureTap(writer, pre, post) if writer else None
         self.loop.set_capture(bridge, tap)
 
     def __getattr__(self, name: str) -> Any:  # run, wake, stats, remove_bridge

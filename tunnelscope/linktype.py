@@ -67,6 +67,7 @@ class LinkType(IntEnum):
 TUNNEL_LINKTYPES = (LinkType.ETHERNET, LinkType.C_HDLC, LinkType.PPP_SERIAL, LinkType.FRELAY)
 
 _SHORT_NAMES = {
+    LinkType.PPP: "ppp_raw",  # PPP without HDLC framing; "ppp" is the serial link (50)
     LinkType.ETHERNET: "ethernet",
     LinkType.C_HDLC: "hdlc",
     LinkType.PPP_SERIAL: "ppp",

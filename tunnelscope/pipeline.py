@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tunnelscope.capture import CaptureWriter
 from tunnelscope.impairments import Kind, Stage, splitmix64
 from tunnelscope.packet import Direction
 
@@ -31,27 +32,6 @@ class Endpoint(Protocol):
     def fileno(self) -> int: ...
     def recv_batch(self, max_frames: int = BATCH) -> list[bytes]: ...
     def send_batch(self, frames: list[bytes]) -> tuple[int, int]: ...
-
-
-class Sink(Protocol):
-    """A capture's record sink: `capture.RecordSink` (or the C `Capture`)."""
-
-    error: str | None
-    closed: bool
-
-    def append(self, records: bytes, count: int = 1) -> None: ...
-    def flush_due(self, now: float) -> float | None: ...
-
-
-class Encoder(Protocol):
-    def encode(
-        self,
-        interface: int,
-        ts_ns: int,
-        data: bytes,
-        direction: Direction = Direction.UNKNOWN,
-        comment: str | None = None,
-    ) -> bytes: ...
 
 
 @dataclass
@@ -235,10 +215,9 @@ class Pipeline:
 
 @dataclass
 class CaptureTap:
-    """Where a bridge's frames are recorded: the encoder (CaptureWriter) and its sink."""
+    """Where a link's frames are recorded: the capture and its pre/post interface ids."""
 
-    writer: Encoder
-    sink: Sink
+    writer: CaptureWriter
     pre: int  # interface id, or -1 when that point is not captured
     post: int
 
@@ -284,7 +263,7 @@ class Link:
                 flag = CAPTURE_DIRECTION[direction]
                 records.append(tap.writer.encode(tap.pre, ts, data, flag, comment))
         if tap:
-            tap.sink.append(b"".join(records), len(records))
+            tap.writer.sink.append(b"".join(records), len(records))
         self.transmit(direction, now)
 
     def transmit(self, direction: int, now: int) -> None:
@@ -297,7 +276,7 @@ class Link:
             ts = time.time_ns()
             flag = CAPTURE_DIRECTION[direction]
             records = [capture.writer.encode(capture.post, ts, data, flag) for data in out]
-            capture.sink.append(b"".join(records), len(records))
+            capture.writer.sink.append(b"".join(records), len(records))
         sent, errors = self.ends[1 - direction].send_batch(out)
         pipeline.counters.forwarded += sent
         pipeline.counters.send_errors += errors
@@ -373,7 +352,7 @@ class Loop:
                 if bridge.pipelines[direction].queue or bridge.pipelines[direction].parked:
                     bridge.transmit(direction, now)
             if bridge.capture:
-                bridge.capture.sink.flush_due(wall)
+                bridge.capture.writer.sink.flush_due(wall)
 
     def _next_deadline(self, end: int | None) -> int | None:
         deadlines = [] if end is None else [end]
@@ -383,7 +362,7 @@ class Loop:
                 if deadline is not None:
                     deadlines.append(deadline)
             if bridge.capture:
-                flush = bridge.capture.sink.flush_due(time.monotonic())
+                flush = bridge.capture.writer.sink.flush_due(time.monotonic())
                 if flush is not None:
                     deadlines.append(int(flush * 1e9))  # same clock as monotonic_ns
         return min(deadlines) if deadlines else None

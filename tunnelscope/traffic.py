@@ -34,6 +34,7 @@ Accounting (`SequenceTracker`, one definition for sink and probe), per received 
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import math
 import os
@@ -535,6 +536,8 @@ def sink(
             continue  # (and look at `stop` again)
         frames = recv_frames(endpoint, BATCH)
         probes = decoder.decode(frames)
+        if count is not None:
+            probes = probes[: count - tracker.received]
         if probes:
             result.last_ns = time.monotonic_ns()
             result.first_ns = result.first_ns or result.last_ns
@@ -584,7 +587,27 @@ def run_probe(
     One thread: probes due go out (in batches at least every millisecond), then the loop
     sleeps in poll() on `target` until the next is due. After the last probe it waits up to
     `wait` seconds for stragglers, or 50 ms once every probe has arrived (for duplicates).
+    The garbage collector is off meanwhile: a full collection in a big process stalls every
+    thread for milliseconds, which would show up as delay (the loop makes no cycles).
     """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _probe_loop(source, target, factory, rate, count, wait, stop)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _probe_loop(
+    source: Endpoint,
+    target: Endpoint,
+    factory: FrameFactory,
+    rate: float,
+    count: int,
+    wait: float,
+    stop: threading.Event | None,
+) -> ProbeRun:
     pacer = Pacer(rate)
     run = ProbeRun(factory, rate)
     decoder = FrameDecoder(factory.framing.offset, factory.stream)
@@ -773,9 +796,10 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     figure, (loss, delay) = pyplot.subplots(2, 1, sharex=True, figsize=(9, 5.5))
     loss.bar(t, [p["loss_percent"] for p in series], width=report["interval"], align="edge")
     loss.set_ylabel("loss %")
+    low, high = report["loss_ci_percent"]
     loss.set_title(
         f"{report['sent']} probes, {report['framing']} {report['size']} B at {report['rate']:g}/s:"
-        f" loss {report['loss_percent']:g} %"
+        f" loss {report['loss_percent']:.2f} % ({low:.2f}..{high:.2f})"
     )
     for key, label in (("delay_p50_ms", "median"), ("delay_max_ms", "max")):
         values = [math.nan if p[key] is None else p[key] for p in series]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import click
 
+from tunnelscope.cli import console, hypervisor, labverbs, serve
 from tunnelscope.cli.blast import blast
 from tunnelscope.cli.bridge import bridge
 from tunnelscope.cli.decap import decap
 from tunnelscope.cli.decode import decode
 from tunnelscope.cli.demo import demo
 from tunnelscope.cli.info import info
-from tunnelscope.cli import hypervisor, labverbs, serve
 from tunnelscope.cli.probe import probe
 from tunnelscope.cli.sink import sink
 
 ALL: list[click.Command] = [bridge, demo, info, decode, decap, blast, sink, probe]
-ALL += [serve.serve, hypervisor.hypervisor, labverbs.capture, labverbs.filter_, labverbs.links, labverbs.stats]
+ALL += [serve.serve, hypervisor.hypervisor, labverbs.capture, labverbs.filter_, labverbs.links]
+ALL += [labverbs.stats, console.console]

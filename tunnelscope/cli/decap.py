@@ -8,16 +8,17 @@ import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from tunnelscope.capture import CaptureError
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.decap import Options, Summary
-from tunnelscope.decap import decap as run_decap
 from tunnelscope.linktype import LinkType
 from tunnelscope.packet import CaptureFormatError
+
+if TYPE_CHECKING:
+    from tunnelscope.decap import Summary
 
 
 def parse_ports(text: str) -> frozenset[int]:
@@ -42,16 +43,23 @@ def _progress(source: str) -> Iterator[Callable[[int], None] | None]:
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     total = None
     if source != "-":
         with contextlib.suppress(OSError):
             info = os.stat(source)
             total = info.st_size if stat.S_ISREG(info.st_mode) else None
-    columns = (BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    columns = (TextColumn("decap {task.description}"), BarColumn(), DownloadColumn())
+    columns += (TimeRemainingColumn(),)
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("decap", total=total)
+        task = bar.add_task(os.path.basename(source) if source != "-" else "stdin", total=total)
         yield lambda done: bar.update(task, completed=done)
 
 
@@ -62,7 +70,8 @@ def _progress(source: str) -> Iterator[Callable[[int], None] | None]:
     "--split",
     "split_dir",
     metavar="DIR",
-    help="Write one classic pcap per link into DIR instead, with the link's own link type.",
+    help="Write one classic pcap per link into DIR instead (udp-10001-10002-hdlc.pcap), with "
+    "the link's own link type; classic pcap has no direction flags.",
 )
 @click.option(
     "--ports",
@@ -80,7 +89,8 @@ def _progress(source: str) -> Iterator[Callable[[int], None] | None]:
     "--dedupe",
     is_flag=True,
     help="Drop the second copy of a frame relayed twice (GNS3 2.x ubridge on loopback): the "
-    "same UDP payload on another flow within 50 ms.",
+    "same UDP payload on another flow within 50 ms. Broadcasts a switch floods to several "
+    "links collapse to the first one too.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def decap(
@@ -117,11 +127,13 @@ def decap(
       tunnelscope decap host.pcap --split links/ --ports 10001,10005
       tunnelscope decap gns3-loopback.pcapng -w lab.pcapng --dedupe
     """
+    from tunnelscope import decap as decapping  # imported here: only this command needs it
+
     if (output is None) == (split_dir is None):
         raise click.UsageError("give either -w OUT or --split DIR")
     if as_json and output == "-":
         raise click.UsageError("--json prints on stdout, which -w - already uses")
-    options = Options(dedupe=dedupe)
+    options = decapping.Options(dedupe=dedupe)
     try:
         options.ports = parse_ports(ports) if ports is not None else None
     except ValueError as exc:
@@ -135,7 +147,7 @@ def decap(
     name = "standard input" if source == "-" else source
     try:
         with _progress(source) as progress:
-            summary = run_decap(source, output, split_dir, options, progress)
+            summary = decapping.decap(source, output, split_dir, options, progress)
     except CaptureFormatError as exc:
         raise Failure(f"{name}: {exc}") from None
     except CaptureError as exc:

@@ -12,7 +12,6 @@ import click
 from tunnelscope.capture import open_capture
 from tunnelscope.cli.common import Failure
 from tunnelscope.decoders import decode
-from tunnelscope.demo import EmulatedHost, free_udp_ports
 from tunnelscope.engine import Engine
 from tunnelscope.impairments import parse_impairment
 from tunnelscope.linktype import LinkType
@@ -42,6 +41,8 @@ def demo(out_dir: str, backend: str, pings: int) -> None:
       tunnelscope demo
       tunnelscope demo --out /tmp/lab --backend python
     """
+    from tunnelscope.demo import EmulatedHost, free_udp_ports  # scapy: only when asked for
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -57,7 +58,7 @@ def demo(out_dir: str, backend: str, pings: int) -> None:
     )
     lan.set_impairments([parse_impairment("a2b freq_drop 3")])
     lan.start_capture(str(out / "lan.pcapng"), LinkType.ETHERNET, "both")
-    serial.start_capture(str(out / "serial.pcap"))  # link type detected from the frames
+    serial.start_capture(str(out / "serial.pcapng"))  # link type detected from the frames
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
     pc1 = EmulatedHost("PC1", "10.0.0.1", ports[0], ports[1], mac="00:50:79:66:68:01")
@@ -76,8 +77,35 @@ def demo(out_dir: str, backend: str, pings: int) -> None:
         engine.close()
     _report("PC1 -> PC2 with a2b freq_drop 3", lan_result, lan_stats)
     _report("R1 -> R2 over Cisco HDLC", serial_result, None)
-    for name in ("lan.pcapng", "serial.pcap"):
-        _show_capture(out / name)
+    for name in ("lan.pcapng", "serial.pcapng"):
+        _show_capture(out / name, per_interface=8)
+    _decap_demo(
+        out, {(ports[0], ports[1]): out / "lan.pcapng", (ports[4], ports[5]): out / "serial.pcapng"}
+    )
+
+
+def _decap_demo(out: Path, lab_captures: dict[tuple[int, int], Path]) -> None:
+    """The offline tap: a loopback capture of four tunnels (one per link type), decapsulated."""
+    from tunnelscope.decap import decap as decapsulate
+    from tunnelscope.demo import serial_samples, write_host_capture
+
+    links: dict[tuple[int, int], list[tuple[bool, bytes]]] = {}
+    for ports, path in lab_captures.items():
+        with open_capture(str(path)) as reader:  # what each device sent, at the pre point
+            links[ports] = [(int(p.direction) == 2, p.data) for p in reader if p.interface == 0]
+    samples = serial_samples()
+    links[(30001, 30002)] = samples["ppp"]
+    links[(30003, 30004)] = samples["fr"]
+    host = out / "host-loopback.pcap"
+    write_host_capture(str(host), links)
+    summary = decapsulate(str(host), str(out / "links.pcapng"))
+    click.echo(f"\ndecap {host} -w {out / 'links.pcapng'}: {summary.line()}")
+    for link in summary.links:
+        click.echo(
+            f"  {link.name:28} {link.linktype:8} confidence {link.confidence:.2f}"
+            f"  {link.outbound} out / {link.inbound} in"
+        )
+    _show_capture(out / "links.pcapng", per_interface=2)
 
 
 def _report(title: str, result: list[bool], stats: dict | None) -> None:
@@ -91,20 +119,25 @@ def _report(title: str, result: list[bool], stats: dict | None) -> None:
         )
 
 
-def _show_capture(path: Path) -> None:
+def _show_capture(path: Path, per_interface: int = 14) -> None:
+    """Decode the first frames of each interface, and let tshark confirm the file."""
     with open_capture(str(path)) as reader:
         packets = list(reader)
         interfaces = reader.interfaces
-    click.echo(f"\n{path} ({LinkType(interfaces[0].linktype).short_name}, {len(packets)} frames):")
-    shown = 14
-    for packet in packets[:shown]:
+    linktypes = sorted({LinkType(i.linktype).short_name for i in interfaces})
+    click.echo(f"\n{path} ({', '.join(linktypes)}, {len(packets)} frames):")
+    shown: dict[int, int] = {}
+    for packet in packets:
+        if shown.get(packet.interface, 0) >= per_interface:
+            continue
+        shown[packet.interface] = shown.get(packet.interface, 0) + 1
         name = interfaces[packet.interface].name or path.stem
         arrow = {1: "<", 2: ">"}.get(int(packet.direction), " ")
         note = f"  [{packet.comment}]" if packet.comment else ""
         summary = decode(packet.linktype, packet.data).summary
-        click.echo(f"  {name:12} {arrow} {summary}{note}")
-    if len(packets) > shown:
-        click.echo(f"  ... {len(packets) - shown} more")
+        click.echo(f"  {name:12} {arrow} {summary[:100]}{note}")
+    if len(packets) > sum(shown.values()):
+        click.echo(f"  ... {len(packets) - sum(shown.values())} more")
     if shutil.which("tshark"):
         done = subprocess.run(
             ["tshark", "-r", str(path), "-T", "fields", "-e", "frame.protocols"],

@@ -126,8 +126,8 @@ def _logger(log_file: IO[str] | None, echo: bool) -> Callable[[str], None] | Non
 
     def log(line: str) -> None:
         with lock:
-            if log_file:
-                log_file.write(line + "\n")
+            if log_file:  # several hypervisors may share the file: name the process
+                log_file.write(f"[{os.getpid()}] {line}\n")
             if echo:
                 click.echo(line)
 

@@ -100,7 +100,7 @@ def _text(r: dict[str, Any]) -> str:
         f"{r['from']} -> {r['to']}: {r['framing']} {r['size']} B at {r['rate']:g}/s, "
         f"stream {r['stream']}, {r['seconds']:.3f} s",
         f"sent {r['sent']}  received {r['received']}  lost {r['lost']} "
-        f"({r['loss_percent']:g} %, {confidence} interval {low:g}..{high:g} %)",
+        f"({r['loss_percent']:.2f} %, {confidence} interval {low:.2f}..{high:.2f} %)",
         f"reordered {r['reordered']}  duplicated {r['duplicated']}  corrupted {r['corrupted']}  "
         f"foreign {r['foreign']}  send errors {r['send_errors']}",
     ]

@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""Relay benchmark on loopback: what forwarding a lab tunnel costs, against the physical limit.
+
+Each relay runs as a subprocess between `tunnelscope blast` and `tunnelscope sink`:
+  direct   no relay: blast straight into sink (the ceiling of this harness)
+  minimal  benchmarks/minirelay.c, one recvmmsg/sendmmsg loop, compiled here with gcc (the
+           physical limit every ratio is taken against)
+  c        `tunnelscope bridge --backend c`;  python: `--backend python`
+  ubridge  GNS3's relay, when one is on PATH
+Cases: 64, 512 and 1400-byte frames; one direction and both (a --peer process of this script
+on each side, sending and receiving); capture off and on; freq_drop 5; delay 10 ms; 1000 links
+idle and with traffic (an Engine with 1000 links in this script's --serve mode, fed by --peer).
+Figures, medians of --runs runs: delivered frames/s, loss, and the relay's CPU time per frame it
+forwarded (by its own count), read from /proc over the traffic window (per-thread schedstat in
+ns; utime+stime in 10 ms ticks where schedstat is missing), the steadiest figure on a shared
+machine, with its ratio to the minimal loop's. CPU per frame is measured at a fixed offered load
+every relay sustains (--load, "paced"; both directions: half each way), throughput flat out.
+
+    python benchmarks/relay.py            # 3 runs of every case, about 7 minutes on 2 cores
+    python benchmarks/relay.py --quick    # 1 run of fewer cases, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunnelscope.demo import free_udp_ports
+from tunnelscope.engine import Engine
+from tunnelscope.nio import open_endpoint
+from tunnelscope.traffic import (
+    FrameDecoder,
+    FrameFactory,
+    Framing,
+    Pacer,
+    recv_frames,
+    send_frames,
+    wait_until_bound,
+)
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+LONG = 600  # seconds a relay may live; it is stopped with SIGTERM once measured
+IDLE = 0.5  # a receiver stops this long after the last frame
+
+
+@dataclass(frozen=True)
+class Case:
+    group: str  # the row's label
+    relay: str  # direct, minimal, c, python, ubridge
+    size: int = 64
+    paced: bool = True
+    both: bool = False
+    links: int = 1
+    lab: bool = False  # an Engine with `links` links (--serve) fed by --peer, as a lab runs
+    traffic: bool = True
+    impairments: tuple[str, ...] = ()
+    capture: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "idle" if not self.traffic else "paced" if self.paced else "flat"
+
+
+@dataclass
+class Sample:
+    sent: int = 0
+    delivered: int = 0
+    seconds: float = 0.0  # first to last delivered frame (idle: the window)
+    cpu: float | None = None  # relay CPU seconds over the window
+    forwarded: int | None = None  # what the relay handed to the kernel, by its own count
+
+
+@dataclass
+class Row:
+    case: Case
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, key: str) -> float | None:
+        values = [v for v in (_figure(s, key) for s in self.samples) if v is not None]
+        return statistics.median(values) if values else None
+
+
+def _figure(s: Sample, key: str) -> float | None:
+    if key == "fps":
+        return s.delivered / s.seconds if s.seconds and s.delivered else 0.0
+    if key == "loss":
+        return 100 * (1 - s.delivered / s.sent) if s.sent else None
+    if key == "cpu_us":
+        frames = s.delivered if s.forwarded is None else s.forwarded
+        return s.cpu / frames * 1e6 if s.cpu is not None and frames else None
+    if key == "cpu_share":
+        return 100 * s.cpu / s.seconds if s.cpu is not None and s.seconds else None
+    raise KeyError(key)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far: its threads' schedstat (ns), else utime+stime (ticks)."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tunnelscope(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tunnelscope", *args]
+
+
+def this_script(mode: str, config: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(config)]
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.minirelay = self._compile()
+
+    def _compile(self) -> str:
+        binary = self.workdir / "minirelay"
+        subprocess.run(
+            ["gcc", "-O2", "-o", str(binary), str(HERE / "minirelay.c")],
+            check=True,
+        )
+        return str(binary)
+
+    def relay_command(self, case: Case, ports: list[int]) -> tuple[list[str], str | None]:
+        """The relay's command line and working directory, for link ports (la, pa, lb, pb)."""
+        la, pa, lb, pb = ports[:4]
+        if case.lab:
+            quads = [ports[i : i + 4] for i in range(0, len(ports), 4)]
+            config = {"backend": case.relay, "links": quads, "duration": LONG}
+            return this_script("--serve", config), None
+        a, b = f"udp:{la}:{HOST}:{pa}", f"udp:{lb}:{HOST}:{pb}"
+        if case.relay == "minimal":
+            return [self.minirelay, *map(str, (la, pa, lb, pb)), str(LONG)], None
+        if case.relay == "ubridge":
+            directory = tempfile.mkdtemp(dir=self.workdir)
+            ini = f"[bridge0]\nsource_udp = {la}:{HOST}:{pa}\ndestination_udp = {lb}:{HOST}:{pb}\n"
+            Path(directory, "ubridge.ini").write_text(ini)
+            return ["ubridge"], directory
+        command = tunnelscope("bridge", a, b, "--backend", case.relay, "--duration", str(LONG))
+        command.append("--json")
+        for impairment in case.impairments:
+            command += ["-I", impairment]
+        if case.capture:
+            command += ["-w", str(self.workdir / "capture.pcap"), "--linktype", "ethernet"]
+        return command, None
+
+    def measure(self, case: Case) -> Sample:
+        ports = free_udp_ports(4 * case.links)
+        relay = None
+        processes: list[subprocess.Popen] = []
+        try:
+            if case.relay != "direct":
+                command, cwd = self.relay_command(case, ports)
+                relay = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, text=True)
+                processes.append(relay)
+            receivers = self._start(case, ports, send=False)
+            processes += receivers
+            relay_ports = [p for i, p in enumerate(ports) if i % 4 in (0, 2)]
+            if relay and not wait_until_bound(relay_ports, timeout=30):
+                raise RuntimeError(f"{case.relay} relay did not start")
+            start_cpu = cpu_seconds(relay.pid) if relay else 0.0
+            if not case.traffic:
+                time.sleep(self.args.duration)
+            senders = self._start(case, ports, send=True)
+            processes += senders
+            outputs = [_json_output(p, self.args.duration + 30) for p in senders + receivers]
+            cpu = cpu_seconds(relay.pid) - start_cpu if relay else None
+            forwarded = _forwarded(relay) if relay else None
+        finally:
+            for process in processes:
+                _stop(process)
+        if not case.traffic:
+            return Sample(seconds=self.args.duration, cpu=cpu, forwarded=forwarded)
+        got = [o for o in outputs if "received" in o]  # sinks, and peers that receive
+        return Sample(
+            sent=sum(o.get("sent", 0) for o in outputs),
+            delivered=sum(o["received"] - o.get("duplicated", 0) for o in got),
+            seconds=max(o["seconds"] for o in got),
+            cpu=cpu,
+            forwarded=forwarded,
+        )
+
+    def _start(self, case: Case, ports: list[int], send: bool) -> list[subprocess.Popen]:
+        """Senders (blast or --peer) or receivers (sink or --peer), as the case needs."""
+        if not case.traffic:
+            return []
+        relayed = case.relay != "direct"
+        quads = [ports[i : i + 4] for i in range(0, len(ports), 4)]
+        # side A's peer talks to the relay's A port (or straight to side B's peer when direct)
+        a_specs = [f"udp:{pa}:{HOST}:{la if relayed else pb}" for la, pa, lb, pb in quads]
+        b_specs = [f"udp:{pb}:{HOST}:{lb if relayed else pa}" for la, pa, lb, pb in quads]
+        rate = (self.args.load / (2 if case.both else 1)) if case.paced else None
+        if case.both or case.lab:
+            if case.both and not send:
+                return []  # a bidirectional peer both sends and receives: started with senders
+            peer = {"size": case.size, "duration": self.args.duration, "rate": rate}
+            if case.both:
+                specs = [([spec], [spec]) for spec in (a_specs[0], b_specs[0])]
+            else:
+                specs = [(a_specs, [])] if send else [([], b_specs)]
+            return [
+                subprocess.Popen(
+                    this_script("--peer", {**peer, "send": s, "recv": r}), stdout=subprocess.PIPE
+                )
+                for s, r in specs
+            ]
+        if send:
+            command = tunnelscope("blast", a_specs[0], "--size", str(case.size), "--json")
+            command += ["--duration", str(self.args.duration)]
+            command += ["--rate", str(rate)] if rate else []
+        else:
+            command = tunnelscope("sink", b_specs[0], "--json", "--idle", str(IDLE))
+            command += ["--duration", str(self.args.duration + 20)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE)
+        if not send:
+            wait_until_bound([int(b_specs[0].split(":")[1])], timeout=30)
+        return [process]
+
+
+def _forwarded(relay: subprocess.Popen) -> int | None:
+    """What the relay says it forwarded, once stopped (ubridge says nothing)."""
+    relay.send_signal(signal.SIGTERM)
+    out, _ = relay.communicate(timeout=30)
+    if out.startswith("forwarded "):  # minirelay
+        return sum(int(n) for n in out.split()[1:])
+    if not out.startswith("{"):
+        return None
+    summary = json.loads(out)
+    if "forwarded" in summary:  # --serve
+        return summary["forwarded"]
+    return summary["a2b"]["forwarded"] + summary["b2a"]["forwarded"]  # tunnelscope bridge
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _json_output(process: subprocess.Popen, timeout: float) -> dict[str, Any]:
+    out, _ = process.communicate(timeout=timeout)
+    if process.returncode:
+        raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+    return json.loads(out)
+
+
+# --- the relay and the peers for many links (hidden modes) ----------------------------------
+
+
+def serve(config: dict[str, Any]) -> None:
+    """An Engine with many links in one process, as a lab runs them."""
+    _more_files(4 * len(config["links"]))
+    engine = Engine(config["backend"])
+    for index, (la, pa, lb, pb) in enumerate(config["links"]):
+        engine.add_link(f"l{index}", f"udp:{la}:{HOST}:{pa}", f"udp:{lb}:{HOST}:{pb}", index)
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    engine.run(duration=config["duration"])
+    stats = [link.stats() for link in engine.links.values()]
+    print(
+        json.dumps({"forwarded": sum(s["a2b"]["forwarded"] + s["b2a"]["forwarded"] for s in stats)})
+    )
+    engine.close()
+
+
+def peer(config: dict[str, Any]) -> None:
+    """Send to and/or receive from many endpoints; print {sent, received, seconds}."""
+    _more_files(2 * len(config["send"]) + 2 * len(config["recv"]))
+    specs = dict.fromkeys(config["send"] + config["recv"])  # a peer may send and receive on one
+    endpoints = {spec: open_endpoint(spec) for spec in specs}
+    result = {"sent": 0, "received": 0, "seconds": 0.0}
+    sender = None
+    if config["send"]:
+        targets = [endpoints[spec] for spec in config["send"]]
+        sender = threading.Thread(target=_send_many, args=(targets, config, result))
+        sender.start()
+    if config["recv"]:
+        _receive_many([endpoints[spec] for spec in config["recv"]], config, result)
+    if sender:
+        sender.join()
+    print(json.dumps(result))
+
+
+def _send_many(endpoints: list, config: dict[str, Any], result: dict[str, Any]) -> None:
+    factories = [FrameFactory(Framing(), config["size"], i) for i in range(len(endpoints))]
+    sequences = [0] * len(endpoints)
+    pacer = Pacer(config["rate"])
+    start = time.monotonic_ns()
+    end = start + int(config["duration"] * 1e9)
+    total = index = 0
+    while (now := time.monotonic_ns()) < end:
+        due = pacer.due(now - start, total)  # at most a batch, then the next link
+        if not due:
+            time.sleep(pacer.wait_ns(now - start, total) / 1e9)
+            continue
+        frames = factories[index].frames(sequences[index], due, time.time_ns())
+        result["sent"] += send_frames(endpoints[index], frames)
+        sequences[index] += due
+        total += due
+        index = (index + 1) % len(endpoints)
+
+
+def _receive_many(endpoints: list, config: dict[str, Any], result: dict[str, Any]) -> None:
+    poller = select.epoll()
+    for endpoint in endpoints:
+        poller.register(endpoint.fileno(), select.EPOLLIN)
+    by_fd = {endpoint.fileno(): (endpoint, FrameDecoder(14)) for endpoint in endpoints}
+    deadline = time.monotonic() + config["duration"] + 20
+    first = last = None
+    while time.monotonic() < deadline and (last is None or time.monotonic() - last < IDLE):
+        for fd, _ in poller.poll(0.1):
+            endpoint, decoder = by_fd[fd]
+            result["received"] += len(decoder.decode(recv_frames(endpoint, 64)))
+            last = time.monotonic()
+            first = first or last
+    if first is not None and last is not None:
+        result["seconds"] = last - first
+
+
+def _more_files(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed + 100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed + 100), hard))
+
+
+# --- the plan and the report -------------------------------------------------------------
+
+
+def plan(quick: bool) -> list[Case]:
+    relays = ["minimal", "c", "python"] + (["ubridge"] if shutil.which("ubridge") else [])
+    backends = ["c"] if quick else ["c", "python"]
+    cases = [Case("size", "direct")]  # what the harness itself loses at the paced load
+    for size in (64, 1400) if quick else (64, 512, 1400):
+        cases += [Case("size", relay, size) for relay in relays]
+    for size in (64,) if quick else (64, 1400):
+        cases += [Case("size", relay, size, paced=False) for relay in ["direct", *relays]]
+    cases += [Case("both directions", r, both=True) for r in ["minimal", *backends]]
+    cases += [Case("capture on", r, capture=True) for r in backends]
+    cases += [Case("freq_drop 5", r, impairments=("freq_drop 5",)) for r in backends]
+    cases += [Case("delay 10 ms", r, paced=False, impairments=("delay 10",)) for r in backends]
+    cases += [Case("1000 links idle", r, links=1000, lab=True, traffic=False) for r in backends]
+    for relay in backends:
+        for paced in (False,) if quick else (True, False):
+            cases += [Case("1 link, traffic", relay, links=1, lab=True, paced=paced)]
+            cases += [Case("1000 links, traffic", relay, links=1000, lab=True, paced=paced)]
+    return cases
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> str:
+    def find(**want: Any) -> Row | None:
+        for row in rows:
+            if all(getattr(row.case, k) == v for k, v in want.items()):
+                return row
+        return None
+
+    lines = [
+        f"relay benchmark: {args.runs} run(s) per case, medians; paced = {args.load:g} frames/s"
+        f" offered, flat = as fast as the sender goes; {os.cpu_count()} CPUs, load average"
+        f" {args.loadavg:.2f} at the start",
+        "CPU us/frame = the relay's CPU time over the traffic / the frames it says it forwarded"
+        " (delivered ones for ubridge); x minimal = that against minirelay.c in the same mode",
+        "",
+        f"{'case':<22}{'relay':<9}{'mode':<7}{'size':>6}{'delivered/s':>13}{'loss %':>9}"
+        f"{'CPU us/frame':>14}{'x minimal':>11}",
+    ]
+    for row in rows:
+        c = row.case
+        minimal = find(relay="minimal", size=c.size, paced=c.paced, both=c.both)
+        cpu, base = row.median("cpu_us"), minimal.median("cpu_us") if minimal else None
+        ratio = f"{cpu / base:.2f}" if cpu and base else ""
+        cpu_text = f"{cpu:.2f}" if cpu is not None else ""
+        if not c.traffic:
+            cpu_text, ratio = f"{row.median('cpu_share'):.2f} % CPU", ""
+        loss = row.median("loss")
+        lines.append(
+            f"{c.group:<22}{c.relay:<9}{c.mode:<7}{c.size:>6}{row.median('fps') or 0:>13,.0f}"
+            f"{'' if loss is None else f'{loss:.2f}':>9}{cpu_text:>14}{ratio:>11}"
+        )
+    lines += ["", "targets:"]
+    for text, value, limit, higher in targets(rows, find):
+        if value is None:
+            lines.append(f"  {text}: not measured")
+            continue
+        ok = value >= limit if higher else value <= limit
+        sign = ">=" if higher else "<="
+        lines.append(f"  {text}: {value:.3f} ({sign} {limit:g}) {'ok' if ok else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, bool]]:
+    def ratio(row: Row | None, base: Row | None, key: str) -> float | None:
+        a, b = (r.median(key) if r else None for r in (row, base))
+        return a / b if a and b else None
+
+    out = []
+    for size in (64, 1400):
+        c = find(group="size", relay="c", size=size, paced=True)
+        minimal = find(group="size", relay="minimal", size=size, paced=True)
+        out.append((f"C CPU/frame at {size} B vs minimal", ratio(c, minimal, "cpu_us"), 1.0, False))
+    capture = find(group="capture on", relay="c")
+    minimal = find(group="size", relay="minimal", size=64, paced=True)
+    out.append(("C capture on CPU/frame vs minimal", ratio(capture, minimal, "cpu_us"), 1.1, False))
+    for backend in ("c", "python"):
+        delayed = find(group="delay 10 ms", relay=backend)
+        plain = find(group="size", relay=backend, size=64, paced=False)
+        if delayed:
+            out.append(
+                (
+                    f"{backend} delay 10 ms throughput vs without",
+                    ratio(delayed, plain, "fps"),
+                    0.9,
+                    True,
+                )
+            )
+        idle = find(group="1000 links idle", relay=backend)
+        if idle:
+            out.append(
+                (f"{backend} 1000 idle links, % of a CPU", idle.median("cpu_share"), 1.0, False)
+            )
+        many = find(relay=backend, links=1000, traffic=True, paced=False)
+        one = find(relay=backend, links=1, lab=True, paced=False)
+        if many:
+            out.append(
+                (f"{backend} 1000 links aggregate vs one link", ratio(many, one, "fps"), 0.8, True)
+            )
+    return out
+
+
+def _progress(text: str) -> None:
+    """One updating line on a terminal; nothing in a log."""
+    if sys.stderr.isatty():
+        print(f"\r{text:<78}", end="" if text else "\r", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] in ("--serve", "--peer"):
+        (serve if sys.argv[1] == "--serve" else peer)(json.loads(sys.argv[2]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 run of fewer cases (~1 min)")
+    parser.add_argument("--runs", type=int, help="runs per case (default 3, quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds of traffic per run")
+    parser.add_argument("--load", type=float, default=50_000, help="paced offered frames/s")
+    parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    args = parser.parse_args()
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.loadavg = os.getloadavg()[0]
+    args.duration = args.duration or (1.5 if args.quick else 2.0)
+    cases = plan(args.quick)
+    rows = [Row(case) for case in cases]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tunnelscope-bench-") as workdir:
+        harness = Harness(args, Path(workdir))
+        for run in range(args.runs):
+            for row in rows:
+                c = row.case
+                progress = f"run {run + 1}/{args.runs}: {c.group}, {c.relay}, {c.mode}, {c.size} B"
+                _progress(progress)
+                row.samples.append(harness.measure(c))
+    _progress("")
+    print(report(rows, args))
+    print(f"\n({time.monotonic() - started:.0f} s)")
+    if args.json:
+        samples = [
+            {**asdict(row.case), "samples": [asdict(s) for s in row.samples]} for row in rows
+        ]
+        Path(args.json).write_text(json.dumps(samples, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""The control protocol: ubridge's line format, commands and reply codes, our extensions, and
+a server that survives whatever a client sends."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import peers
+import pytest
+import tshark
+
+from tunnelscope.control import (
+    Code,
+    ControlClient,
+    ControlError,
+    Switchboard,
+    parse_address,
+    quote,
+    run_service,
+    tokenize,
+)
+from tunnelscope.engine import Engine, available_backends
+from tunnelscope.lab import load_lab
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Service:
+    """A Switchboard served on 127.0.0.1:<any port> by a thread; closed by `stop`."""
+
+    def __init__(self, captures: Path, backend: str = "auto", lab_file: str | None = None) -> None:
+        captures.mkdir(exist_ok=True)
+        self.captures = captures
+        self.engine = Engine(backend)
+        lab = load_lab(lab_file, str(captures)) if lab_file else None
+        self.switchboard = Switchboard(self.engine, str(captures), lab, seed=1)
+        if lab:
+            self.switchboard.start_lab()
+        self.address = ""
+        self.notes: list[str] = []
+        ready = threading.Event()
+
+        def serve() -> None:
+            def on_ready(bound: tuple[str, int]) -> None:
+                self.address = f"{bound[0]}:{bound[1]}"
+                ready.set()
+
+            self.notes = run_service(self.switchboard, ("127.0.0.1", 0), on_ready=on_ready)
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.address)
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.thread.join(10)
+        self.engine.close()
+
+
+@pytest.fixture(params=available_backends())
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    served = Service(tmp_path / "captures", request.param)
+    yield served
+    served.stop()
+
+
+class Peer:
+    """A tunnel end the bridge talks to: a UDP socket on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+
+    def connect(self, port: int) -> None:
+        self.sock.connect(("127.0.0.1", port))
+
+    def send(self, numbers: list[int]) -> None:
+        for number in numbers:
+            frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01\x88\xb5" + bytes([number]) * 50
+            try:
+                self.sock.send(frame)
+            except ConnectionRefusedError:  # reported for an earlier send to a stopped bridge
+                self.sock.send(frame)
+            time.sleep(0.002)
+
+    def numbers(self, expected: int, timeout: float = 1.0) -> list[int]:
+        got: list[int] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(got) < expected:
+            try:
+                got.append(self.sock.recv(2048)[14])
+            except (TimeoutError, socket.timeout):
+                continue
+        time.sleep(0.05)  # anything beyond `expected` would be a bug: look for it
+        with contextlib.suppress(TimeoutError, socket.timeout):
+            got.append(self.sock.recv(2048)[14])
+        return got
+
+
+def bridge_between(client: ControlClient, name: str = "br0") -> tuple[Peer, Peer]:
+    """The cloud sequence GNS3 sends: create, first NIO, filters, second NIO, start."""
+    a, b = Peer(), Peer()
+    ports = peers.free_udp_ports(2)
+    a.connect(ports[0])
+    b.connect(ports[1])
+    client.request("bridge", "create", name)
+    client.request("bridge", "add_nio_udp", name, str(ports[0]), "127.0.0.1", str(a.port))
+    client.request("bridge", "reset_packet_filters", name)
+    client.request("bridge", "add_nio_udp", name, str(ports[1]), "127.0.0.1", str(b.port))
+    client.request("bridge", "start", name)
+    return a, b
+
+
+@pytest.mark.parametrize(
+    ("line", "tokens"),
+    [
+        ("bridge create br0", ["bridge", "create", "br0"]),
+        (
+            'bridge start_capture br0 "/tmp/a b.pcap" EN10MB',
+            ["bridge", "start_capture", "br0", "/tmp/a b.pcap", "EN10MB"],
+        ),
+        ("  bridge\tlist  # a comment", ["bridge", "list"]),
+        ('bridge create "" x', ["bridge", "create", "x"]),  # ubridge: "" is no token
+        ('a "b"c', ["a", "b", "c"]),
+        ("hypervisor version!", ["hypervisor", "version"]),
+        ("", []),
+    ],
+)
+def test_requests_split_as_ubridge_splits_them(line: str, tokens: list[str]) -> None:
+    assert tokenize(line) == tokens
+
+
+@pytest.mark.parametrize(
+    ("line", "error"), [('a b"c', "unexpected quote"), ('a "bc', "end of line")]
+)
+def test_bad_quoting_is_a_parse_error(line: str, error: str) -> None:
+    with pytest.raises(ControlError) as caught:
+        tokenize(line)
+    assert caught.value.code == Code.PARSING and error in caught.value.text
+
+
+def test_arguments_are_quoted_only_when_needed() -> None:
+    assert quote("br0") == "br0"
+    assert quote("/tmp/a b.pcap") == '"/tmp/a b.pcap"'
+    assert tokenize(" ".join(quote(w) for w in ("x#y", "a!b", "c d"))) == ["x#y", "a!b", "c d"]
+    for word in ("", 'say "hi"', "two\nlines"):
+        with pytest.raises(ValueError):
+            quote(word)
+
+
+def test_control_addresses_default_to_loopback() -> None:
+    assert parse_address("4242") == ("127.0.0.1", 4242)
+    assert parse_address("0.0.0.0:7300") == ("0.0.0.0", 7300)
+    assert parse_address("[::1]:7300") == ("::1", 7300)
+    with pytest.raises(ValueError):
+        parse_address("127.0.0.1:http")
+
+
+def test_the_gns3_sequence_bridges_two_tunnels_both_ways(service: Service) -> None:
+    with service.client() as client:
+        assert client.request("hypervisor", "version") == ["0.9.18"]
+        a, b = bridge_between(client)
+        a.send(list(range(1, 31)))
+        assert b.numbers(30) == list(range(1, 31))
+        b.send(list(range(31, 41)))
+        assert a.numbers(10) == list(range(31, 41))
+        show = client.request("bridge", "show", "br0")
+        assert show[0] == "bridge 'br0' is running"
+        assert show[1].startswith("Source NIO: udp:") and show[-1] == "OK"
+        stats = client.request("bridge", "get_stats", "br0")
+        assert stats[:2] == [
+            "Source NIO:      IN: 30 packets OUT: 10 packets",
+            "Destination NIO: IN: 10 packets OUT: 30 packets",
+        ]
+        client.request("bridge", "reset_stats", "br0")
+        assert "IN: 0 packets" in client.request("bridge", "get_stats", "br0")[0]
+        assert client.request("bridge", "list") == ["br0 (NIOs = 2)", "OK"]
+
+
+def test_frequency_drop_is_dynamips_one_counter_for_both_directions(service: Service) -> None:
+    with service.client() as client:
+        a, b = bridge_between(client)
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "frequency_drop", "3")
+        a.send([1, 2, 3, 4])
+        assert b.numbers(3) == [1, 2, 4]
+        b.send([5, 6])
+        assert a.numbers(1) == [5]  # 6 is the 3rd frame since 3
+        client.request("bridge", "reset_packet_filters", "br0")
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "frequency_drop", "-1")
+        a.send([7])
+        b.send([8])
+        assert b.numbers(0) == [] and a.numbers(0) == []
+        client.request("bridge", "delete_packet_filter", "br0", "filter0")
+        a.send([9])
+        assert b.numbers(1) == [9]
+
+
+def test_set_packet_filter_impairs_one_direction(service: Service) -> None:
+    with service.client() as client:
+        a, b = bridge_between(client)
+        reply = client.request("bridge", "set_packet_filter", "br0", "f", "a2b", "freq_drop", "2")
+        assert reply == ["Filter 'f' set on bridge 'br0': a2b freq_drop 2"]
+        a.send([1, 2, 3, 4])
+        b.send([5, 6, 7, 8])
+        assert b.numbers(2) == [1, 3]
+        assert a.numbers(4) == [5, 6, 7, 8]
+        client.request("bridge", "set_packet_filter", "br0", "f", "b2a", "freq_drop", "-1")
+        a.send([9])
+        b.send([10])
+        assert b.numbers(1) == [9] and a.numbers(0) == []
+        shown = client.request("bridge", "show", "br0")
+        assert "Filter 'f' configured in position 1" in shown
+
+
+@tshark.required
+def test_a_capture_asked_before_start_begins_with_the_bridge(service: Service) -> None:
+    with service.client() as client:
+        a, b = Peer(), Peer()
+        ports = peers.free_udp_ports(2)
+        a.connect(ports[0])
+        b.connect(ports[1])
+        client.request("bridge", "create", "br0")
+        client.request("bridge", "add_nio_udp", "br0", str(ports[0]), "127.0.0.1", str(a.port))
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "frequency_drop", "2")
+        client.request("bridge", "add_nio_udp", "br0", str(ports[1]), "127.0.0.1", str(b.port))
+        path = service.captures / "br0.pcap"
+        client.request("bridge", "start_capture", "br0", str(path))
+        assert client.request("bridge", "start", "br0") == ["bridge 'br0' started"]
+        a.send([1, 2, 3, 4, 5, 6])
+        assert b.numbers(3) == [1, 3, 5]
+        stopped = client.request("bridge", "stop_capture", "br0")[-1]
+        assert stopped == f"packet capture stopped on bridge 'br0': {path} (3 frames)"
+    rows = tshark.fields(str(path), ["eth.type", "frame.len"])
+    assert [row["eth.type"] for row in rows] == [["0x88b5"]] * 3  # after the filters, as ubridge
+
+
+@tshark.required
+def test_capture_ext_writes_pcapng_at_both_points(service: Service) -> None:
+    with service.client() as client:
+        a, b = bridge_between(client)
+        client.request("bridge", "set_packet_filter", "br0", "f", "a2b", "freq_drop", "2")
+        client.request("bridge", "start_capture_ext", "br0", "both.pcapng", "auto", "both")
+        a.send([1, 2, 3, 4])
+        assert b.numbers(2) == [1, 3]
+        client.request("bridge", "stop_capture", "br0")
+    path = str(service.captures / "both.pcapng")
+    rows = tshark.fields(path, ["frame.interface_name", "frame.comment"])
+    names = [row["frame.interface_name"][0] for row in rows]
+    assert names.count("br0 pre") == 4 and names.count("br0 post") == 2
+    assert sum(row["frame.comment"] == ["dropped by freq_drop"] for row in rows) == 2
+
+
+ERRORS = [
+    (["nosuch", "thing"], Code.UNK_MODULE, "Unknown module 'nosuch'"),
+    (["bridge", "fly"], Code.UNK_CMD, "Unknown command 'fly'"),
+    (["bridge", "create"], Code.BAD_PARAM, "Bad number of parameters (0 with min/max=1/1)"),
+    (["bridge", "create", "a", "b"], Code.BAD_PARAM, "(2 with min/max=1/1)"),
+    (["hypervisor"], Code.PARSING, "At least a module and a command"),
+    (["bridge", "start", "ghost"], Code.NOT_FOUND, "bridge 'ghost' doesn't exist"),
+    (["bridge", "create", "br0"], Code.CREATE, "bridge 'br0' already exist"),
+    (["bridge", "start", "br0"], Code.START, "must have 2 NIOs"),
+    (["bridge", "stop", "br0"], Code.STOP, "is not running"),
+    (["bridge", "add_nio_udp", "br0", "abc", "127.0.0.1", "2"], Code.INV_PARAM, "not a number"),
+    (["bridge", "start_capture", "br0", "../../etc/cron.d/x"], Code.FILE, "outside"),
+    (["bridge", "start_capture", "br0", "/etc/passwd"], Code.FILE, "outside"),
+    (["bridge", "start_capture", "br0", "x.pcap", "DOCSIS"], Code.INV_PARAM, "unknown link type"),
+    (["bridge", "stop_capture", "br0"], Code.START, "no packet capture active"),
+    (
+        ["bridge", "add_packet_filter", "br0", "f", "frequency_drop", "abc"],
+        Code.CREATE,
+        "not an integer",
+    ),
+    (
+        ["bridge", "add_packet_filter", "br0", "f", "packet_loss", "101"],
+        Code.CREATE,
+        "out of range",
+    ),
+    (["bridge", "add_packet_filter", "br0", "f", "bpf", "icmp"], Code.CREATE, "not supported"),
+    (
+        ["bridge", "add_packet_filter", "br0", "f", "teleport", "1"],
+        Code.CREATE,
+        "unknown impairment",
+    ),
+    (
+        ["bridge", "set_packet_filter", "br0", "f", "sideways", "delay", "1"],
+        Code.INV_PARAM,
+        "direction",
+    ),
+    (["bridge", "delete_packet_filter", "br0", "nope"], Code.CREATE, "Failed to delete filter"),
+    (["bridge", "rename", "br0", "br0"], Code.RENAME, "already exist"),
+    (["lab", "find", "R1", "f0/0"], Code.UNK_OBJ, "no lab is served here"),
+    (["hypervisor", "cmd_list", "nosuch"], Code.UNK_MODULE, "unknown module"),
+]
+
+
+@pytest.mark.parametrize(("words", "code", "text"), ERRORS)
+def test_errors_get_ubridges_codes(
+    service: Service, words: list[str], code: int, text: str
+) -> None:
+    with service.client() as client:
+        client.request("bridge", "create", "br0")
+        with pytest.raises(ControlError) as caught:
+            client.request(*words)
+        assert caught.value.code == code
+        assert text in caught.value.text
+        assert client.request("hypervisor", "version") == ["0.9.18"]  # the connection goes on
+
+
+def raw_exchange(address: str, data: bytes, replies: int) -> list[bytes]:
+    host, port = parse_address(address)
+    with socket.create_connection((host, port), 5) as sock:
+        sock.sendall(data)
+        stream = sock.makefile("rb")
+        return [stream.readline() for _ in range(replies)]
+
+
+def test_garbage_and_overlong_requests_leave_the_connection_usable(service: Service) -> None:
+    garbage = [
+        b"x" * 600 + b"\n",  # longer than a line may be
+        b"y" * 5000 + b" and more\n",  # much longer, in several reads
+        b"\xff\xfe\xfd\n",  # not text
+        b"bridge create \x01\x02\n",  # control characters
+        b'bridge create "half\n',  # unterminated quote
+        b"\n",  # nothing
+    ]
+    replies = raw_exchange(service.address, b"".join(garbage) + b"hypervisor version\n", 7)
+    codes = [reply[:4] for reply in replies]
+    assert codes == [b"200-"] * 6 + [b"100-"], replies
+    assert replies[0] == b"200-Parse error: request longer than 512 bytes\r\n"
+    assert raw_exchange(service.address, b"bridge list\r\n", 1) == [b"100-OK\r\n"]
+
+
+def test_exactly_512_bytes_is_one_line(service: Service) -> None:
+    name = "b" * (512 - len("bridge create \n"))
+    assert raw_exchange(service.address, f"bridge create {name}\n".encode(), 1)[0].startswith(
+        b"100-"
+    )
+
+
+def test_a_client_leaving_mid_command_runs_nothing(service: Service) -> None:
+    host, port = parse_address(service.address)
+    with socket.create_connection((host, port), 5) as sock:
+        sock.sendall(b"bridge create half")  # no newline: not a request yet
+    with socket.create_connection((host, port), 5) as sock:
+        sock.sendall(b"bridge create gone\n")  # a request, but nobody reads the reply
+    time.sleep(0.2)
+    with service.client() as client:
+        assert client.request("bridge", "list") == ["gone (NIOs = 0)", "OK"]
+
+
+def test_many_clients_at_once(service: Service) -> None:
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            with service.client() as client:
+                for step in range(20):
+                    client.request("bridge", "create", f"b{index}-{step}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    with service.client() as client:
+        assert len(client.request("bridge", "list")) == 8 * 20 + 1
+
+
+def test_reset_rename_delete_and_stop(service: Service) -> None:
+    with service.client() as client:
+        a, b = bridge_between(client)
+        assert client.request("bridge", "rename", "br0", "br1") == ["bridge 'br0' renamed to 'br1'"]
+        a.send([1])
+        assert b.numbers(1) == [1]
+        assert client.request("bridge", "stop", "br1") == ["bridge 'br1' stopped"]
+        a.send([2])
+        assert b.numbers(0) == []
+        client.request("bridge", "start", "br1")
+        a.send([3])
+        assert b.numbers(1) == [3]
+        client.request("hypervisor", "reset")
+        assert client.request("bridge", "list") == ["OK"]
+        assert client.request("hypervisor", "stop") == ["OK"]
+    service.thread.join(5)
+    assert not service.thread.is_alive()
+
+
+LAB = """
+[[link]]
+a = "PC1 e0"
+b = "PC2 e0"
+a_endpoint = "udp:{p0}:127.0.0.1:{p1}"
+b_endpoint = "udp:{p2}:127.0.0.1:{p3}"
+impairments = ["a2b delay 1"]
+"""
+
+
+@pytest.fixture
+def lab_service(tmp_path: Path) -> Iterator[tuple[Service, Peer, Peer]]:
+    pc1, pc2 = Peer(), Peer()
+    ours = peers.free_udp_ports(2)
+    path = tmp_path / "lab.toml"
+    path.write_text(LAB.format(p0=ours[0], p1=pc1.port, p2=ours[1], p3=pc2.port))
+    pc1.connect(ours[0])
+    pc2.connect(ours[1])
+    served = Service(tmp_path / "captures", lab_file=str(path))
+    yield served, pc1, pc2
+    served.stop()
+
+
+def test_lab_links_cannot_be_taken_apart_over_the_protocol(lab_service) -> None:
+    service, pc1, pc2 = lab_service
+    name = "PC1:e0--PC2:e0"
+    with service.client() as client:
+        for words, code in [
+            (["bridge", "delete", name], Code.DELETE),
+            (["bridge", "rename", name, "x"], Code.RENAME),
+            (["bridge", "add_nio_udp", name, "1", "127.0.0.1", "2"], Code.CREATE),
+        ]:
+            with pytest.raises(ControlError) as caught:
+                client.request(*words)
+            assert caught.value.code == code
+        client.request("hypervisor", "reset")
+        assert client.request("bridge", "list") == [f"{name} (NIOs = 2)", "OK"]
+        pc1.send([1])
+        assert pc2.numbers(1) == [1]
+
+
+def test_lab_verbs_name_devices_and_directions_as_the_device_sees_them(lab_service) -> None:
+    service, pc1, pc2 = lab_service
+    with service.client() as client:
+        assert client.devices() == {"PC1": ["e0"], "PC2": ["e0"]}
+        assert client.request("lab", "find", "PC2", "e0") == ["PC1:e0--PC2:e0 b"]
+        reply = client.request("lab", "filter", "PC2", "e0", "freq_drop", "in", "2")
+        assert reply == ["filter PC2:e0:in:freq_drop set: a2b freq_drop 2"]
+        pc1.send([1, 2, 3, 4])
+        assert pc2.numbers(2) == [1, 3]  # PC2 receives what PC1 sends: a2b
+        client.request("lab", "filter", "PC2", "e0", "frequency_drop", "in", "-1")  # replaces it
+        [link] = client.links()
+        assert [f["impairment"] for f in link["filters"]] == ["delay 1", "freq_drop -1"]
+        assert link["ends"] == ["PC1 e0", "PC2 e0"] and link["running"]
+        assert link["stats"]["a2b"]["dropped"] == {"freq_drop": 2}
+        pc2.send([5])
+        assert pc1.numbers(1) == [5]
+        client.request("lab", "filter", "PC1", "e0", "none")
+        pc1.send([6])
+        assert pc2.numbers(1) == [6]
+        reply = client.request("lab", "capture", "PC1", "e0", "pc1.pcap", "ETH")
+        assert reply == [f"capturing PC1 e0 to {service.captures / 'pc1.pcap'}"]
+        with pytest.raises(ControlError, match="already active"):
+            client.request("lab", "capture", "PC1", "e0", "other.pcap")
+        for words in (["PC9", "e0", "x.pcap"], ["PC1", "e7", "x.pcap"]):
+            with pytest.raises(ControlError) as caught:
+                client.request("lab", "capture", *words)
+            assert caught.value.code == Code.UNK_OBJ
+        with pytest.raises(ControlError, match="in\\|out\\|both"):
+            client.request("lab", "filter", "PC1", "e0", "freq_drop", "up", "2")
+        assert "pc1.pcap (0 frames)" in client.request("lab", "stop_capture", "PC1", "e0")[0]
+
+
+def test_unknown_control_address_is_one_line() -> None:
+    port = peers.free_tcp_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "tunnelscope", "links", "--control", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"tunnelscope: error: no tunnelscope control at 127.0.0.1:{port}")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_hypervisor_answers_as_ubridge_and_stops_on_request(tmp_path: Path) -> None:
+    tunnelscope = [sys.executable, "-m", "tunnelscope", "hypervisor"]
+    version = subprocess.run([*tunnelscope, "-v"], capture_output=True, text=True, timeout=60)
+    assert re.match(r"ubridge version 0\.9\.18 ", version.stdout)
+    launcher = tmp_path / "ubridge"
+    subprocess.run(
+        [*tunnelscope, "--install-launcher", str(launcher), "--captures-dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert subprocess.run(
+        [str(launcher), "-v"], capture_output=True, text=True, timeout=60
+    ).stdout == (version.stdout)
+    port = peers.free_tcp_port()
+    log = tmp_path / "exchange.log"
+    process = subprocess.Popen(
+        [str(launcher), "-H", f"127.0.0.1:{port}", "--log", str(log)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert "port" in process.stdout.readline()
+        with ControlClient(f"127.0.0.1:{port}") as client:
+            assert client.request("hypervisor", "stop") == ["OK"]
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    lines = log.read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["<- hypervisor stop", "-> 100-OK"]
+    bad = subprocess.run(
+        [*tunnelscope, "-H", "127.0.0.1:nope"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("tunnelscope: error:")

@@ -1,0 +1,256 @@
+"""Two VPCS PCs as a TOML lab and as a Dynagen .net file, served by `tunnelscope serve` and
+driven by the command-line verbs and the console (through a pseudo-terminal); pings and
+tshark are the judges."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import peers
+import pytest
+import tshark
+
+pytestmark = [pytest.mark.timeout(300)]
+
+TUNNELSCOPE = [sys.executable, "-m", "tunnelscope"]
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
+
+
+def lab_ports_from_base() -> int:
+    """A Dynagen udp base whose ports (base..base+3) and VPCS's extra ports (+9) are free."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000, 2)
+        needed = [base, base + 1, base + 2, base + 3, base + 9, base + 11]
+        if not any(peers.udp_port_bound(port) for port in needed):
+            return base
+    raise RuntimeError("no free block of UDP ports")
+
+
+def write_lab(tmp_path: Path, kind: str) -> tuple[Path, list[int]]:
+    """The two-VPCS lab of labs/ on free ports; (file, [PC1 port, PC1 remote, PC2 ..])."""
+    if kind == "net":
+        base = lab_ports_from_base()
+        text = (Path(__file__).parent.parent / "labs/two-vpcs.net").read_text()
+        path = tmp_path / "two-vpcs.net"
+        path.write_text(text.replace("udp = 20000", f"udp = {base}"))
+        return path, [base, base + 1, base + 2, base + 3]
+    pc1, ours1, pc2, ours2 = peers.free_udp_ports(4)
+    path = tmp_path / "two-vpcs.toml"
+    path.write_text(  # no encapsulation: captures detect it
+        f'name = "two-vpcs"\n[[link]]\na = "PC1 e0"\nb = "PC2 e0"\n'
+        f'a_endpoint = "udp:{ours1}:127.0.0.1:{pc1}"\nb_endpoint = "udp:{ours2}:127.0.0.1:{pc2}"\n'
+    )
+    return path, [pc1, ours1, pc2, ours2]
+
+
+@contextmanager
+def served(lab: Path) -> Iterator[str]:
+    """`tunnelscope serve LAB` on a free control port; yields HOST:PORT, stops it by PID."""
+    log = open(lab.parent / "serve.err", "w+")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [*TUNNELSCOPE, "serve", str(lab), "--control", "127.0.0.1:0", "-v"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        address = ""
+        deadline = time.monotonic() + 30
+        while not address and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            match = re.match(r"control on (\S+)", line)
+            address = match.group(1) if match else ""
+        log.seek(0)
+        assert address, f"serve did not start: {log.read()}"
+        yield address
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        log.close()
+
+
+def verb(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TUNNELSCOPE_CONTROL": address}
+    return subprocess.run(
+        [*TUNNELSCOPE, *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def ok(address: str, *args: str) -> str:
+    done = verb(address, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def refused(address: str, *args: str) -> str:
+    """A verb that must fail with one line and status 2; that line."""
+    done = verb(address, *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tunnelscope: error: "), lines
+    return lines[0]
+
+
+def lost(replies: list[tuple[int, bool]]) -> set[int]:
+    return {seq for seq, answered in replies if not answered}
+
+
+class Terminal:
+    """A program on a pseudo-terminal, 200 columns wide, read with `expect`."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        self.process = subprocess.Popen(
+            command, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, pattern: str, timeout: float = 15.0) -> str:
+        """Read until `pattern` appears (escape sequences removed); the text up to its end."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern.encode())
+        while True:
+            match = regex.search(self.seen)
+            if match:
+                text, self.seen = self.seen[: match.end()], self.seen[match.end() :]
+                return text.decode(errors="replace")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {pattern!r} in {self.seen.decode(errors='replace')!r}")
+            import select
+
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # the program exited
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"EOF before {pattern!r}: {self.seen!r}")
+                self.seen = _ANSI.sub(b"", self.seen + chunk)
+
+    def close(self) -> int:
+        try:
+            return self.process.wait(10)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(5)
+            os.close(self.master)
+
+
+@peers.needs_vpcs
+@tshark.required
+@pytest.mark.parametrize("kind", ["toml", "net"])
+def test_two_vpcs_lab_driven_by_the_verbs_and_the_console(tmp_path: Path, kind: str) -> None:
+    lab, (pc1_port, ours1, pc2_port, ours2) = write_lab(tmp_path, kind)
+    plan = ok("", "serve", str(lab), "--dry-run")
+    assert f"PC1     e0         {pc1_port}" in plan
+    captures = tmp_path / "captures"
+    with (
+        served(lab) as address,
+        peers.VPCS(pc1_port, ours1, mac_offset=1) as pc1,
+        peers.VPCS(pc2_port, ours2, mac_offset=2) as pc2,
+    ):
+        pc1.set_ip("10.0.0.1/24")
+        pc2.set_ip("10.0.0.2/24")
+        assert lost(pc1.ping("10.0.0.2", count=3)) == set()
+
+        assert ok(address, "capture", "PC1", "e0", "pc1.pcap").strip() == (
+            f"capturing PC1 e0 to {captures / 'pc1.pcap'}"
+        )
+        assert lost(pc1.ping("10.0.0.2", count=3)) == set()
+        ok(address, "filter", "PC1", "e0", "freq_drop", "in", "3")
+        # PC1 receives only the replies: every 3rd one is dropped
+        assert lost(pc1.ping("10.0.0.2", count=6)) == {3, 6}
+        [link] = json.loads(ok(address, "links", "--json"))
+        assert link["ends"] == ["PC1 e0", "PC2 e0"]
+        assert link["filters"] == [
+            {"name": "PC1:e0:in:freq_drop", "direction": "b2a", "impairment": "freq_drop 3"}
+        ]
+        assert link["stats"]["b2a"]["dropped"] == {"freq_drop": 2}
+        assert link["encapsulation"] == "ethernet"
+        assert link["capture"]["path"] == str(captures / "pc1.pcap")
+        table = ok(address, "links")
+        assert "PC1 e0 -- PC2 e0" in table and "freq_drop 2" in table
+        assert "PC1 e0 > PC2 e0" in ok(address, "stats", "--count", "1", "--interval", "0.1")
+        stopped = ok(address, "capture", "--stop", "PC1", "e0")
+        assert stopped.startswith("packet capture stopped")
+        rows = tshark.fields(str(captures / "pc1.pcap"), ["icmp.type", "eth.type"], "icmp")
+        types = [row["icmp.type"][0] for row in rows]
+        assert types.count("8") == 9 and types.count("0") == 7  # dropped replies never landed
+
+        # bad input: one line, status 2, and the lab goes on
+        assert "outside the captures directory" in refused(
+            address, "capture", "PC1", "e0", "../../escape.pcap"
+        )
+        assert "unknown device 'PC9'" in refused(address, "filter", "PC9", "e0", "none")
+        assert "PC1 has no linked interface 'e9'" in refused(address, "capture", "PC1", "e9", "x")
+        assert "out of range" in refused(address, "filter", "PC1", "e0", "packet_loss", "in", "200")
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), 5) as sock:
+            sock.sendall(b"\x00\xff garbage " * 100 + b"\nbridge delete PC1:e0--PC2:e0\n")
+            sock.recv(4096)
+        with socket.create_connection((host, int(port)), 5) as sock:
+            sock.sendall(b"lab filter PC1 e0")  # and leaves mid-command
+        ok(address, "filter", "PC1", "e0", "none")
+        assert lost(pc1.ping("10.0.0.2", count=3)) == set()
+
+        env = {**os.environ, "TUNNELSCOPE_CONTROL": address, "TERM": "xterm"}
+        console = Terminal([*TUNNELSCOPE, "console", "--history", ""], env)
+        try:
+            console.expect("=> ")
+            console.send("help\n")
+            console.expect("no capture DEVICE INTERFACE.*=> ")
+            console.send("sho\tPC1\n")  # Tab completes the command
+            console.expect(r"PC1 e0: to PC2 e0 via udp:.*=> ")
+            console.send("capture PC2 \tc.pcapng\n")  # ... and the only interface
+            console.expect(f"capturing PC2 e0 to {captures / 'c.pcapng'}.*=> ")
+            assert lost(pc1.ping("10.0.0.2", count=2)) == set()
+            console.send("filter PC1 e0 freq_drop in 3\n")
+            console.expect(r"set: b2a freq_drop 3.*=> ")
+            console.send("list\n")
+            console.expect(r"PC1 e0 -- PC2 e0.*b2a freq_drop 3.*=> ")
+            console.send("stats\n")
+            console.expect(r"PC2 e0 > PC1 e0.*=> ")
+            console.send("!ls /\n")
+            console.expect("no shell escape.*=> ")
+            console.send("__import__('os').system('id')\n")
+            console.expect("unknown command.*=> ")
+            console.send("capture PC1 e0 ../x.pcap\n")
+            console.expect("error: .*outside the captures directory.*=> ")
+            console.send("no capture PC2 e0\n")
+            console.expect("packet capture stopped.*=> ")
+            console.send("filter PC1 e0 none\n")
+            console.expect("filters removed.*=> ")
+            console.send("exit\n")
+        finally:
+            assert console.close() == 0
+        rows = tshark.fields(str(captures / "c.pcapng"), ["icmp.type"], "icmp")
+        assert len(rows) == 4  # two pings, both ways
+        assert lost(pc1.ping("10.0.0.2", count=2)) == set()
