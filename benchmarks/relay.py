@@ -172,7 +172,17 @@ class Harness:
         return command, None
 
     def measure(self, case: Case) -> Sample:
-        ports = free_udp_ports(4 * case.links)
+        """One sample; tried again with new ports if a port was taken meanwhile."""
+        for _ in range(3):
+            try:
+                return self._measure(case, free_udp_ports(4 * case.links))
+            except PortTaken:
+                continue
+        raise RuntimeError(f"{case}: could not get its ports three times")
+
+    def _measure(self, case: Case, ports: list[int]) -> Sample:
+        go = self.workdir / "go"  # bidirectional peers start sending once it exists
+        go.unlink(missing_ok=True)
         relay = None
         processes: list[subprocess.Popen] = []
         try:
@@ -180,15 +190,17 @@ class Harness:
                 command, cwd = self.relay_command(case, ports)
                 relay = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, text=True)
                 processes.append(relay)
-            receivers = self._start(case, ports, send=False)
+            receivers = self._traffic(case, ports, send=False)
             processes += receivers
-            relay_ports = [p for i, p in enumerate(ports) if i % 4 in (0, 2)]
-            if relay and not wait_until_bound(relay_ports, timeout=30):
-                raise RuntimeError(f"{case.relay} relay did not start")
+            listening = ports[0::2] if relay else []  # the relay's la and lb of every link
+            if case.traffic:  # and the receivers': pb (and pa for bidirectional peers)
+                listening += ports[3::4] + (ports[1::4] if case.both else [])
+            _wait_bound(listening, processes)
             start_cpu = cpu_seconds(relay.pid) if relay else 0.0
             if not case.traffic:
                 time.sleep(self.args.duration)
-            senders = self._start(case, ports, send=True)
+            go.touch()
+            senders = self._traffic(case, ports, send=True)
             processes += senders
             outputs = [_json_output(p, self.args.duration + 30) for p in senders + receivers]
             cpu = cpu_seconds(relay.pid) - start_cpu if relay else None
@@ -207,8 +219,8 @@ class Harness:
             forwarded=forwarded,
         )
 
-    def _start(self, case: Case, ports: list[int], send: bool) -> list[subprocess.Popen]:
-        """Senders (blast or --peer) or receivers (sink or --peer), as the case needs."""
+    def _traffic(self, case: Case, ports: list[int], send: bool) -> list[subprocess.Popen]:
+        """Senders (blast, --peer) or receivers (sink, --peer; bidirectional peers)."""
         if not case.traffic:
             return []
         relayed = case.relay != "direct"
@@ -218,10 +230,11 @@ class Harness:
         b_specs = [f"udp:{pb}:{HOST}:{lb if relayed else pa}" for la, pa, lb, pb in quads]
         rate = (self.args.load / (2 if case.both else 1)) if case.paced else None
         if case.both or case.lab:
-            if case.both and not send:
-                return []  # a bidirectional peer both sends and receives: started with senders
+            if case.both and send:
+                return []  # bidirectional peers were started with the receivers
             peer = {"size": case.size, "duration": self.args.duration, "rate": rate}
             if case.both:
+                peer["go"] = str(self.workdir / "go")
                 specs = [([spec], [spec]) for spec in (a_specs[0], b_specs[0])]
             else:
                 specs = [(a_specs, [])] if send else [([], b_specs)]
@@ -238,10 +251,20 @@ class Harness:
         else:
             command = tunnelscope("sink", b_specs[0], "--json", "--idle", str(IDLE))
             command += ["--duration", str(self.args.duration + 20)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE)
-        if not send:
-            wait_until_bound([int(b_specs[0].split(":")[1])], timeout=30)
-        return [process]
+        return [subprocess.Popen(command, stdout=subprocess.PIPE)]
+
+
+class PortTaken(Exception):
+    """A relay or receiver exited before listening: someone took one of its ports."""
+
+
+def _wait_bound(ports: list[int], processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 30
+    while not wait_until_bound(ports, timeout=0.1):
+        if any(p.poll() is not None for p in processes):
+            raise PortTaken
+        if time.monotonic() > deadline:
+            raise RuntimeError("the relay or the receivers did not start in 30 s")
 
 
 def _forwarded(relay: subprocess.Popen) -> int | None:
@@ -312,6 +335,8 @@ def peer(config: dict[str, Any]) -> None:
 
 
 def _send_many(endpoints: list, config: dict[str, Any], result: dict[str, Any]) -> None:
+    while config.get("go") and not os.path.exists(config["go"]):
+        time.sleep(0.01)
     factories = [FrameFactory(Framing(), config["size"], i) for i in range(len(endpoints))]
     sequences = [0] * len(endpoints)
     pacer = Pacer(config["rate"])

@@ -29,5 +29,11 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -i "warning" || true
-.venv/bin/python -c "import tunnelscope" 
+# A GNS3 server of its own (tests run it with tunnelscope as its ubridge); kept apart from
+# .venv because it pins its own versions of common packages.
+if [ "${TUNNELSCOPE_SKIP_GNS3:-0}" != 1 ] && [ ! -x .venv-gns3/bin/gns3server ]; then
+    python3 -m venv .venv-gns3
+    .venv-gns3/bin/python -m pip install -q gns3-server==2.2.61 2>&1 | grep -v -i "warning" || true
+fi
+.venv/bin/python -c "import tunnelscope"
 .venv/bin/tunnelscope info | head -2

@@ -225,6 +225,19 @@ def test_set_packet_filter_impairs_one_direction(service: Service) -> None:
         assert "Filter 'f' configured in position 1" in shown
 
 
+def test_links_report_per_second_rates(service: Service) -> None:
+    with service.client() as client:
+        a, _ = bridge_between(client)
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            a.send([1])
+            time.sleep(0.02)  # about 45 frames a second
+        [link] = client.links()
+    assert 20 <= link["rates"]["a2b"]["received"] <= 60, link["rates"]
+    assert link["rates"]["a2b"]["forwarded"] == link["rates"]["a2b"]["received"]
+    assert link["rates"]["b2a"]["received"] == 0
+
+
 @tshark.required
 def test_a_capture_asked_before_start_begins_with_the_bridge(service: Service) -> None:
     with service.client() as client:
@@ -472,6 +485,37 @@ def test_lab_verbs_name_devices_and_directions_as_the_device_sees_them(lab_servi
         with pytest.raises(ControlError, match="in\\|out\\|both"):
             client.request("lab", "filter", "PC1", "e0", "freq_drop", "up", "2")
         assert "pc1.pcap (0 frames)" in client.request("lab", "stop_capture", "PC1", "e0")[0]
+
+
+@tshark.required
+def test_a_lab_capture_runs_from_the_start(tmp_path: Path) -> None:
+    pc1, pc2 = Peer(), Peer()
+    ours = peers.free_udp_ports(2)
+    path = tmp_path / "lab.toml"
+    text = LAB.format(p0=ours[0], p1=pc1.port, p2=ours[1], p3=pc2.port)
+    path.write_text(text + 'capture = "start.pcapng"\ncapture_at = "both"\n')
+    pc1.connect(ours[0])
+    pc2.connect(ours[1])
+    served = Service(tmp_path / "captures", lab_file=str(path))
+    try:
+        pc1.send([1, 2])
+        assert pc2.numbers(2) == [1, 2]
+        with served.client() as client:
+            [link] = client.links()
+            assert link["capture"]["format"] == "pcapng" and link["capture"]["point"] == "both"
+    finally:
+        served.stop()
+    assert served.notes == [
+        f"packet capture stopped on bridge 'PC1:e0--PC2:e0': {served.captures / 'start.pcapng'}"
+        " (4 frames)"
+    ]
+    rows = tshark.fields(str(served.captures / "start.pcapng"), ["frame.interface_name"])
+    assert sorted(row["frame.interface_name"][0] for row in rows) == [
+        "PC1:e0--PC2:e0 post",
+        "PC1:e0--PC2:e0 post",
+        "PC1:e0--PC2:e0 pre",
+        "PC1:e0--PC2:e0 pre",
+    ]
 
 
 def test_unknown_control_address_is_one_line() -> None:

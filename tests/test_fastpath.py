@@ -515,6 +515,10 @@ def test_burst_of_10000_frames_through_a_delay(rig):
     assert st["received"] == st["forwarded"] == 10000 and reconciles(st)
 
 
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="ASan quarantines freed memory instead of reusing it (make asan)",
+)
 def test_memory_stays_flat():
     """200k frames through a delay (every frame copied and freed): resident memory does not
     grow beyond noise (the pool keeps a bounded number of descriptors)."""

@@ -2,8 +2,8 @@
 
 Two cloud nodes with one UDP port each are joined through the compute API, exactly the
 ubridge commands a controller link would send; the test's own UDP sockets sit behind the
-clouds' tunnels. The protocol exchange every tunnelscope process saw is printed (pytest
-shows it with -s, and on failure).
+clouds' tunnels. The protocol exchange every tunnelscope process saw is written to the test
+run's output, and into every failure message.
 
 gns3-server comes from $TUNNELSCOPE_GNS3_SERVER (a gns3server executable), a venv in
 .venv-gns3/ (scripts/install.sh), or is installed here into a cached venv; without any of
@@ -49,7 +49,7 @@ def _gns3server() -> str | None:
     try:  # its own venv: gns3-server pins its own aiohttp, jsonschema...
         subprocess.run([sys.executable, "-m", "venv", str(CACHE)], check=True, timeout=120)
         pip = [str(CACHE / "bin/pip"), "install", "-q", f"gns3-server=={GNS3_VERSION}"]
-        subprocess.run(pip, check=True, timeout=600, capture_output=True)
+        subprocess.run(pip, check=True, timeout=300, capture_output=True)
     except (subprocess.SubprocessError, OSError):
         return None
     return str(CACHE / "bin/gns3server")
@@ -141,7 +141,7 @@ class Gns3:
 
 
 @pytest.fixture(scope="module")
-def gns3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gns3]:
+def gns3(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Gns3]:
     executable = _gns3server()
     if executable is None:
         pytest.skip(f"gns3-server {GNS3_VERSION} is not installed and cannot be installed here")
@@ -150,7 +150,10 @@ def gns3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gns3]:
         yield server
     finally:
         server.close()
-        print("\n--- the ubridge protocol exchange tunnelscope saw ---\n" + server.exchange_text())
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:  # the exchange goes into the test run's log
+            reporter.write_sep("-", "the ubridge protocol exchange tunnelscope saw")
+            reporter.write_line(server.exchange_text())
 
 
 def frame(number: int) -> bytes:

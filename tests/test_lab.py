@@ -83,6 +83,24 @@ def test_a_link_written_on_both_sides_is_one_link(tmp_path: Path) -> None:
     assert lab.find("R2", "f0/0")[1] == 1
 
 
+def test_ethernet_switch_ports_are_link_ends(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "sw.net",
+        "[127.0.0.1:7200]\n udp = 32000\n [[ROUTER R1]]\n  f1/0 = S1 1\n [[ROUTER R2]]\n"
+        "  e0/0 = S1 2\n [[ETHSW S1]]\n  1 = access 1\n  2 = dot1q 1\n [[ATMSW A1]]\n"
+        "  1:10:100 = 2:20:200\n",
+    )
+    lab = load_lab(path)
+    assert [(link.name, link.encapsulation) for link in lab.links] == [
+        ("R1:f1/0--S1:1", LinkType.ETHERNET),
+        ("R2:e0/0--S1:2", LinkType.ETHERNET),
+    ]
+    assert lab.devices() == {"R1": ["f1/0"], "S1": ["1", "2"], "R2": ["e0/0"]}
+    with pytest.raises(LabError, match="S1 has no port 3"):
+        load_lab(write(tmp_path, "sw3.net", Path(path).read_text().replace("S1 2", "S1 3")))
+
+
 def test_toml_ends_without_endpoints_get_ports_from_the_base(tmp_path: Path) -> None:
     path = write(
         tmp_path,

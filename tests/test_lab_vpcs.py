@@ -4,11 +4,13 @@ tshark are the judges."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import random
 import re
+import select
 import signal
 import socket
 import struct
@@ -17,8 +19,8 @@ import sys
 import termios
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import peers
 import pytest
@@ -57,16 +59,20 @@ def write_lab(tmp_path: Path, kind: str) -> tuple[Path, list[int]]:
     return path, [pc1, ours1, pc2, ours2]
 
 
-@contextmanager
+@contextlib.contextmanager
 def served(lab: Path) -> Iterator[str]:
     """`tunnelscope serve LAB` on a free control port; yields HOST:PORT, stops it by PID."""
-    log = open(lab.parent / "serve.err", "w+")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [*TUNNELSCOPE, "serve", str(lab), "--control", "127.0.0.1:0", "-v"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    with open(lab.parent / "serve.err", "w+") as log:
+        process = subprocess.Popen(
+            [*TUNNELSCOPE, "serve", str(lab), "--control", "127.0.0.1:0", "-v"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        yield from _serving(process, log)
+
+
+def _serving(process: subprocess.Popen[str], log: IO[str]) -> Iterator[str]:
     try:
         assert process.stdout is not None
         address = ""
@@ -86,7 +92,6 @@ def served(lab: Path) -> Iterator[str]:
         if process.poll() is None:
             process.kill()
             process.wait(5)
-        log.close()
 
 
 def verb(address: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -133,7 +138,7 @@ class Terminal:
     def expect(self, pattern: str, timeout: float = 15.0) -> str:
         """Read until `pattern` appears (escape sequences removed); the text up to its end."""
         deadline = time.monotonic() + timeout
-        regex = re.compile(pattern.encode())
+        regex = re.compile(pattern.encode(), re.DOTALL)
         while True:
             match = regex.search(self.seen)
             if match:
@@ -142,8 +147,6 @@ class Terminal:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no {pattern!r} in {self.seen.decode(errors='replace')!r}")
-            import select
-
             ready, _, _ = select.select([self.master], [], [], remaining)
             if ready:
                 try:
@@ -172,11 +175,10 @@ def test_two_vpcs_lab_driven_by_the_verbs_and_the_console(tmp_path: Path, kind: 
     plan = ok("", "serve", str(lab), "--dry-run")
     assert f"PC1     e0         {pc1_port}" in plan
     captures = tmp_path / "captures"
-    with (
-        served(lab) as address,
-        peers.VPCS(pc1_port, ours1, mac_offset=1) as pc1,
-        peers.VPCS(pc2_port, ours2, mac_offset=2) as pc2,
-    ):
+    with contextlib.ExitStack() as stack:
+        address = stack.enter_context(served(lab))
+        pc1 = stack.enter_context(peers.VPCS(pc1_port, ours1, mac_offset=1))
+        pc2 = stack.enter_context(peers.VPCS(pc2_port, ours2, mac_offset=2))
         pc1.set_ip("10.0.0.1/24")
         pc2.set_ip("10.0.0.2/24")
         assert lost(pc1.ping("10.0.0.2", count=3)) == set()

@@ -25,11 +25,12 @@ from click.testing import CliRunner
 from tunnelscope.cli import cli
 from tunnelscope.demo import free_udp_ports
 from tunnelscope.engine import Engine, Link, available_backends
-from tunnelscope.impairments import parse_impairment
+from tunnelscope.impairments import parse_impairment, splitmix64, stream_seed
 from tunnelscope.nio import Endpoint, open_endpoint
 from tunnelscope.traffic import (
     FrameFactory,
     Framing,
+    ProbeRun,
     attach_bridge,
     plot_report,
     probe_report,
@@ -43,19 +44,22 @@ RATE = 20_000.0
 
 
 @dataclass
-class Path:
+class BridgedPath:
     link: Link
     source: Endpoint  # probes go in here (the bridge's side A peer) ...
     target: Endpoint  # ... and come out here (side B's peer)
 
-    def probe(self, count: int = PROBES, framing: Framing | None = None) -> dict[str, Any]:
+    def run(self, count: int = PROBES, framing: Framing | None = None) -> ProbeRun:
         factory = FrameFactory(framing or Framing(), 64)
-        run = run_probe(self.source, self.target, factory, RATE, count, wait=0.3)
-        return attach_bridge(probe_report(run), self.link.stats(), "a2b")
+        return run_probe(self.source, self.target, factory, RATE, count, wait=0.3)
+
+    def probe(self, count: int = PROBES, framing: Framing | None = None) -> dict[str, Any]:
+        report = probe_report(self.run(count, framing))
+        return attach_bridge(report, self.link.stats(), "a2b")
 
 
 @contextmanager
-def bridged(*impairments: str, backend: str = "auto", seed: int = 5) -> Iterator[Path]:
+def bridged(*impairments: str, backend: str = "auto", seed: int = 5) -> Iterator[BridgedPath]:
     pa, la, lb, pb = free_udp_ports(4)
     engine = Engine(backend)
     link = engine.add_link("probe", f"udp:{la}:127.0.0.1:{pa}", f"udp:{lb}:127.0.0.1:{pb}", seed)
@@ -65,7 +69,7 @@ def bridged(*impairments: str, backend: str = "auto", seed: int = 5) -> Iterator
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
     try:
-        yield Path(link, source, target)
+        yield BridgedPath(link, source, target)
     finally:
         engine.stop()
         thread.join(5)
@@ -110,17 +114,34 @@ def test_burst_loss_bursts_are_geometric_with_mean_one_over_r() -> None:
     assert abs(report["loss_percent"] / 100 - loss_fraction) < 0.03
 
 
+def applied_delays(seed: int, count: int, ms: int, jitter_ms: int) -> list[int]:
+    """The delay (ns) the bridge gave each frame: its generator replayed (docs/pipeline.md)."""
+    state, delay, jitter = stream_seed(seed, 0, 0), ms * 1_000_000, jitter_ms * 1_000_000
+    out = []
+    for _ in range(count):
+        state, z = splitmix64(state)
+        out.append(delay + (((z >> 11) * (2 * jitter + 1)) >> 53) - jitter)
+    return out
+
+
 def test_delay_percentiles_are_uniform_between_15_and_25_ms() -> None:
-    with bridged("a2b delay 20 5") as path:
-        report = path.probe()
+    with bridged("a2b delay 20 5", seed=5) as path:
+        run = path.run()
+    report = probe_report(run)
     delay = report["delay_ms"]
     assert report["lost"] == 0
-    assert delay["min"] >= 15.0  # the bridge never delays less; the rest is scheduling noise
     for name, q in (("p5", 0.05), ("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95)):
-        assert 15 + 10 * q - 0.2 <= delay[name] <= 15 + 10 * q + 1.5, (name, delay)
-    assert 20 - 0.2 <= delay["mean"] <= 21.0
+        assert 15 + 10 * q - 0.2 <= delay[name] <= 15 + 10 * q + 2.5, (name, delay)
+    assert 20 - 0.2 <= delay["mean"] <= 21.5
     assert 2.0 < report["jitter_ms"] < 5.0  # mean |U1 - U2| of uniform width 10 ms: 3.33
-    assert all(point["delay_p50_ms"] >= 15.0 for point in report["series"])
+    # Per probe: measured = what the bridge applied + the path's own latency (the scheduling
+    # noise of a shared 2-core machine, which the percentiles above must tolerate).
+    applied = applied_delays(5, PROBES, 20, 5)
+    excess = sorted(d - applied[seq] for seq, d in zip(run.seqs, run.delays))
+    # never much earlier than applied: the bridge stamps a batch's arrival with the clock read
+    # just before it receives it, so a frame that came in meanwhile may leave a little early
+    assert excess[0] >= -200_000
+    assert excess[len(excess) // 2] < 1_000_000
 
 
 @pytest.mark.parametrize("backend", available_backends())

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ipaddress
 import json
 import os
-import queue
 import socket
 import threading
 import time
@@ -41,7 +41,6 @@ DEFAULT_CONTROL = f"127.0.0.1:{DEFAULT_PORT}"
 CONTROL_ENV = "TUNNELSCOPE_CONTROL"
 MAX_LINE = 512  # bytes per request, newline included (ubridge reads lines into 512 bytes)
 MAX_CONNECTIONS = 16
-TICK = 0.02  # seconds: how long a command may wait for the engine thread
 RATE_PERIOD = 1.0  # seconds between two rate samples
 
 
@@ -151,6 +150,17 @@ def parse_address(text: str) -> tuple[str, int]:
     if not (port.isdigit() and 0 <= int(port) <= 65535):
         raise ValueError(f"{text!r} is not PORT or HOST:PORT")
     return host, int(port)
+
+
+def exposure_warning(bound: tuple[str, int]) -> str | None:
+    """A warning when the control port is reachable from beyond this host."""
+    try:
+        loopback = ipaddress.ip_address(bound[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return f"control on {bound[0]} port {bound[1]} is reachable from the network, unauthenticated"
 
 
 def control_address(text: str | None) -> str:
@@ -386,9 +396,7 @@ class Switchboard:
             state = bridge.link.stop_capture()
             if state is not None:
                 notes.append(_capture_note(bridge.name, state.path, state.writer.sink.frames))
-            bridge.link.close()
-            # Engine has no remove_link: Link.close() leaves the name in engine.links.
-            self.engine.links.pop(bridge.name, None)
+            self.engine.remove_link(bridge.name)
             bridge.link = None
         return notes
 
@@ -461,8 +469,7 @@ class Switchboard:
         self.bridges[new] = self.bridges.pop(name)
         bridge.name = new
         if bridge.link is not None:
-            self.engine.links[new] = self.engine.links.pop(name)
-            bridge.link.name = new
+            self.engine.rename_link(name, new)
         return f"bridge '{name}' renamed to '{new}'"
 
     def _show(self, name: str) -> Reply:
@@ -562,14 +569,14 @@ class Switchboard:
             )
         if point == "both" and not pcapng:
             raise ControlError(Code.INV_PARAM, "capturing at both points needs pcapng")
-        if (bridge.link and bridge.link.capture) or bridge.pending_capture:
-            raise ControlError(
-                Code.START, f"packet capture is already active on bridge '{bridge.name}'"
-            )
         try:
             path = resolve_capture_path(self.captures, name)
         except LabError as exc:
             raise ControlError(Code.FILE, str(exc)) from None
+        if (bridge.link and bridge.link.capture) or bridge.pending_capture:
+            raise ControlError(
+                Code.START, f"packet capture is already active on bridge '{bridge.name}'"
+            )
         request = CaptureRequest(path, linktype or bridge.encapsulation, point, pcapng)
         if bridge.link is None:
             bridge.pending_capture = request
@@ -808,64 +815,35 @@ def _impairment(filter_name: str, direction: str, kind: str, args: tuple[str, ..
 
 
 class Runner:
-    """Runs the engine in the calling thread; other threads call into it between loop runs.
+    """Runs the engine in the calling thread; control threads reach it through `call`.
 
-    Engine calls are not safe while `engine.run` pumps in another thread (the C loop runs
-    without the GIL), so `call` queues the function, wakes the loop, and waits; the queue is
-    drained every TICK seconds from the engine's `on_tick`.
+    The C loop runs without the GIL, so every switchboard call is handed to the engine thread
+    (`Engine.call` wakes the loop and waits); rates are sampled once per RATE_PERIOD.
     """
 
     def __init__(self, engine: Engine, on_tick: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.on_tick = on_tick
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]]
-        self._queue = queue.SimpleQueue()
-        self._lock = threading.Lock()
         self._closed = False
-        self._thread: int | None = None
 
-    def call(self, function: Callable[[], Any], timeout: float = 30.0) -> Any:
-        if threading.get_ident() == self._thread:
-            return function()
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise ControlError(Code.UNSPECIFIED, "tunnelscope is shutting down")
-            self._queue.put((function, future))
-        self.engine.loop.wake()
+    def call(self, function: Callable[[], Any]) -> Any:
+        if self._closed:
+            raise ControlError(Code.UNSPECIFIED, "tunnelscope is shutting down")
         try:
-            return future.result(timeout)
+            return self.engine.call(function)
         except concurrent.futures.TimeoutError:
             raise ControlError(Code.UNSPECIFIED, "the engine did not answer in time") from None
 
     def run(self, on_news: Callable[[str], None] | None = None) -> None:
         """Pump until `stop()`; the calling thread becomes the engine thread."""
-        self._thread = threading.get_ident()
         try:
-            self.engine.run(every=TICK, on_tick=self._drain, on_news=on_news)
+            self.engine.run(every=RATE_PERIOD / 4, on_tick=self.on_tick, on_news=on_news)
         finally:
-            with self._lock:
-                self._closed = True
-            self._drain()
+            self._closed = True
 
     def stop(self) -> None:
         """Safe from any thread and from signal handlers."""
         self.engine.stop()
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                function, future = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(function())
-            except BaseException as exc:  # handed to the waiting thread, which reports it
-                future.set_exception(exc)
-        if self.on_tick and not self._closed:
-            self.on_tick()
 
 
 # --- the server --------------------------------------------------------------------------------

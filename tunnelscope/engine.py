@@ -299,6 +299,12 @@ class Engine:
         """Close a link's capture and endpoints and take it off the loop."""
         self.links.pop(name).close()
 
+    def rename_link(self, name: str, new: str) -> None:
+        if new in self.links:
+            raise ValueError(f"a link named {new!r} exists already")
+        link = self.links[new] = self.links.pop(name)
+        link.name = new
+
     def run(
         self,
         duration: float | None = None,

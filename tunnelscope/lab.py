@@ -96,7 +96,6 @@ class Lab:
     path: str
     captures: str  # absolute directory every capture file lands in
     links: list[LabLink]
-    kinds: dict[str, str] = field(default_factory=dict)  # device -> type, when known
 
     def devices(self) -> dict[str, list[str]]:
         """Every device and its linked interfaces, in lab order."""
@@ -144,7 +143,7 @@ def resolve_capture_path(captures: str, name: str) -> str:
     if not name or "\0" in name or name in (".", ".."):
         raise LabError(f"invalid capture file name {name!r}")
     root = os.path.realpath(captures)
-    path = os.path.realpath(os.path.join(root, os.path.expanduser(name)))
+    path = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath([root, path]) != root or path == root:
         raise LabError(f"capture file {name!r} is outside the captures directory {root}")
     if os.path.isdir(path):
@@ -544,10 +543,8 @@ class _NetLab:
             raise LabError(f"{where}: {problem}") from None
         base_dir = os.path.dirname(os.path.abspath(self.path))
         name = os.path.splitext(os.path.basename(self.path))[0]
-        kinds = {name: device.kind for name, device in self.devices.items()}
-        return Lab(
-            name, os.path.abspath(self.path), os.path.join(base_dir, DEFAULT_CAPTURES), links, kinds
-        )
+        captures = os.path.join(base_dir, DEFAULT_CAPTURES)
+        return Lab(name, os.path.abspath(self.path), captures, links)
 
     def _links(self, config: Any) -> list[LabLink]:
         hypervisors = [name for name in config.sections if name != "GNS3-DATA"]

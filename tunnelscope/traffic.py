@@ -40,7 +40,6 @@ import math
 import os
 import re
 import select
-import socket
 import struct
 import threading
 import time
@@ -812,16 +811,19 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     pyplot.close(figure)
 
 
-def wait_until_bound(ports: Iterable[int], timeout: float = 5.0, host: str = "127.0.0.1") -> bool:
-    """True once every UDP port is bound by someone (a relay subprocess that is up)."""
+def wait_until_bound(ports: Iterable[int], timeout: float = 5.0) -> bool:
+    """True once every UDP port is bound by someone (a relay subprocess that is up).
+
+    Reads /proc/net/udp (Linux): probing with bind() could take a port from under the relay.
+    """
+    wanted = set(ports)
     deadline = time.monotonic() + timeout
-    pending = list(ports)
-    while pending and time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
-            try:
-                probe_socket.bind((host, pending[0]))
-            except OSError:
-                pending.pop(0)
-                continue
+    while True:
+        with open("/proc/net/udp") as table:
+            next(table)  # the header line
+            bound = {int(line.split()[1].rsplit(":", 1)[1], 16) for line in table}
+        if wanted <= bound:
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    return not pending

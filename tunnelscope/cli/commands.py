@@ -7,6 +7,7 @@ import click
 from tunnelscope.cli import console, hypervisor, labverbs, serve
 from tunnelscope.cli.blast import blast
 from tunnelscope.cli.bridge import bridge
+from tunnelscope.cli.compare import compare_command
 from tunnelscope.cli.decap import decap
 from tunnelscope.cli.decode import decode
 from tunnelscope.cli.demo import demo
@@ -17,3 +18,4 @@ from tunnelscope.cli.sink import sink
 ALL: list[click.Command] = [bridge, demo, info, decode, decap, blast, sink, probe]
 ALL += [serve.serve, hypervisor.hypervisor, labverbs.capture, labverbs.filter_, labverbs.links]
 ALL += [labverbs.stats, console.console]
+ALL += [compare_command]

@@ -15,7 +15,13 @@ import click
 
 from tunnelscope import __version__
 from tunnelscope.cli.common import Failure
-from tunnelscope.control import UBRIDGE_VERSION, Switchboard, parse_address, run_service
+from tunnelscope.control import (
+    UBRIDGE_VERSION,
+    Switchboard,
+    exposure_warning,
+    parse_address,
+    run_service,
+)
 from tunnelscope.engine import Engine
 
 
@@ -89,6 +95,9 @@ def hypervisor(
 
     def ready(bound: tuple[str, int]) -> None:
         click.echo(f"Hypervisor TCP control server started (IP {bound[0]} port {bound[1]}).")
+        warning = exposure_warning(bound)
+        if warning:
+            click.echo(f"tunnelscope: warning: {warning}", err=True)
         sys.stdout.flush()
 
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from tunnelscope.control import (
     DEFAULT_CONTROL,
     ControlError,
     Switchboard,
+    exposure_warning,
     parse_address,
     run_service,
 )
@@ -99,8 +99,9 @@ def serve(
         where = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         click.echo(f"captures in {lab.captures}")
         click.echo(f"control on {where}  (export {CONTROL_ENV}={where})")
-        if not ipaddress.ip_address(bound[0]).is_loopback:
-            click.echo(f"tunnelscope: warning: control on {where} has no authentication", err=True)
+        warning = exposure_warning(bound)
+        if warning:
+            click.echo(f"tunnelscope: warning: {warning}", err=True)
         sys.stdout.flush()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -32,10 +32,10 @@ def sink(
 ) -> None:
     """Receive `tunnelscope blast` frames on NIO and report what the path did to them.
 
-    The framing is found from the frames. Lost = sequence numbers that never came (up to the
-    highest seen); reordered = frames that came after a higher-numbered one; duplicated =
-    numbers that came twice; corrupted = frames whose CRC fails. Without --count, --duration
-    or --idle it runs until Ctrl-C.
+    The framing is found from the frames. Lost = sequence numbers that never came (from 0 up
+    to the highest seen: start the sink first); reordered = frames that came after a
+    higher-numbered one; duplicated = numbers that came twice; corrupted = frames whose CRC
+    fails. Without --count, --duration or --idle it runs until Ctrl-C.
 
     \b
     Example:

@@ -1,0 +1,243 @@
+"""`tunnelscope compare A [B]`: which frames of A never reached B, and why."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Callable
+
+import click
+
+from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.compare import (
+    DEFAULT_LIMIT,
+    DEFAULT_WINDOW,
+    IGNORABLE,
+    CompareError,
+    Frame,
+    Listing,
+    Report,
+    Selection,
+    SideReport,
+    StreamReport,
+    compare,
+    parse_ignore,
+)
+from tunnelscope.packet import Direction
+
+_TUNNELSCOPE_NAMES = {Direction.OUTBOUND: "a2b", Direction.INBOUND: "b2a"}
+
+
+@click.command(name="compare")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="[B]", required=False)
+@click.option(
+    "--window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_WINDOW,
+    show_default=True,
+    metavar="SECONDS",
+    help="A frame of A not seen at B within this time is missing.",
+)
+@click.option(
+    "--ignore",
+    multiple=True,
+    metavar="WHAT",
+    help=f"Normalise frames before matching: {', '.join(IGNORABLE)} (repeat or comma-separate).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    metavar="N",
+    help="List at most N frames per kind and direction (0: all); counts are always complete.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def compare_command(
+    a: str, b: str | None, window: float, ignore: tuple[str, ...], limit: int, as_json: bool
+) -> None:
+    """Match the frames of two captures of the same traffic taken at two points of a path.
+
+    A and B are pcap or pcapng files (one may be - for standard input), each
+    FILE[#INTERFACE][@DIRECTION]: INTERFACE is an interface name, its last word (#pre picks
+    `r1-r2 pre`) or a 0-based number; DIRECTION is out (= a2b) or in (= b2a), and applies to
+    both sides unless each names its own. With A alone, A is a tunnelscope capture taken at
+    both points (`capture ... both`): its `<link> pre` interface is compared with its `<link>
+    post` one (FILE#LINK picks a link when it holds several).
+
+    Frames match by content, first in first out, within --window seconds. When both
+    captures record directions, each direction is compared on its own. The report lists,
+    per direction: the frames of A missing at B (decoded, grouped by flow and protocol,
+    with the cause: the impairment named in tunnelscope's `dropped by` comments, `outside
+    tunnelscope` for a tunnelscope pre capture compared with another point, `before B
+    started`/`after B stopped` at the edges of B's capture), loss bursts, frames only at B,
+    duplicates, reordering and the delay distribution from A to B.
+
+    --ignore rewrites both sides before matching: l2 compares from the L3 header (also
+    across link types; Ethernet padding is cut), vlan strips 802.1Q/QinQ tags, fr-address
+    zeroes the Frame Relay address (DLCI and flags), ttl zeroes the IPv4 TTL and header
+    checksum and the IPv6 hop limit.
+
+    Exit status: 0 when both captures were compared in full; 1 when one ends in a damaged
+    record (compared up to there) or the captures have no frame in common (a warning says
+    so on stderr); 2 when they cannot be compared (unreadable, different link types
+    without --ignore l2, a bad selection), with one line `tunnelscope: error: REASON`.
+
+    \b
+    Examples:
+      tunnelscope compare link.pcapng                      # tunnelscope pre vs post
+      tunnelscope compare lab.pcapng#r1-r2 --json | jq '.directions[].missing.count'
+      tunnelscope compare link.pcapng#pre@a2b link.pcapng#post
+      tunnelscope compare access.pcap trunk.pcap --ignore vlan
+      tunnelscope compare r1-eth.pcap r1-serial.pcap --ignore l2,ttl
+    """
+    try:
+        selections = [Selection.parse(text) for text in (a, b) if text is not None]
+        with _progress() as progress:
+            report = compare(
+                selections[0],
+                selections[1] if b is not None else None,
+                window,
+                parse_ignore(list(ignore)),
+                limit,
+                progress,
+            )
+    except CompareError as exc:
+        raise Failure(str(exc)) from None
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        click.echo("\n".join(_text(report)))
+    warnings = report.warnings()
+    for warning in warnings:
+        click.echo(f"tunnelscope: warning: {warning}", err=True)
+    if warnings:
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[int, int | None], None] | None]:
+    """A progress bar on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    columns = (TextColumn("compare"), BarColumn(), TaskProgressColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+# ------------------------------------------------------------------------------ text report
+
+
+def _text(report: Report) -> list[str]:
+    lines = [_side("A", report.a), _side("B", report.b)]
+    if report.a.statistics_dropped:
+        lines.append(
+            f"A's statistics: {report.a.statistics_dropped} frames dropped by impairments "
+            "(both directions)"
+        )
+    ignoring = f"ignoring {', '.join(sorted(report.ignore))}" if report.ignore else "byte for byte"
+    lines.append(f"window {report.window_ns / 1e9:g} s, frames compared {ignoring}")
+    for stream in report.streams:
+        lines.append("")
+        lines += _stream(stream, report.tunnelscope_pair or bool(stream.commented))
+    if not report.streams:
+        lines.append("no frames to compare")
+    return lines
+
+
+def _side(role: str, side: SideReport) -> str:
+    text = f"{role}: {side.selection.label()}"
+    if side.interface and side.selection.interface != side.interface:
+        text += f" (interface {side.interface!r})"
+    return text + f", {side.as_dict()['linktype']}, {side.frames} frames"
+
+
+def _stream(stream: StreamReport, tunnelscope: bool) -> list[str]:
+    name = stream.name
+    if tunnelscope and stream.direction in _TUNNELSCOPE_NAMES:
+        name += f" ({_TUNNELSCOPE_NAMES[stream.direction]})"
+    lines = [
+        f"{name}: {stream.a_frames} frames at A, {stream.b_frames} at B: {stream.matched} "
+        f"matched, {stream.missing.count} missing at B, {stream.only_b.count} only at B, "
+        f"{stream.duplicates.count} duplicated, {stream.reordered.count} reordered"
+    ]
+    if stream.missing.count:
+        causes = ", ".join(f"{cause or 'unknown'} {n}" for cause, n in stream.causes.most_common())
+        lines.append(f"  missing at B by cause: {causes}")
+    if stream.commented or (tunnelscope and stream.missing.count):
+        lines.append(
+            f"  drop comments: {stream.commented} frames of A marked dropped, "
+            f"{stream.commented_missing} of them missing at B; "
+            f"{stream.uncommented_missing} missing without one"
+        )
+    if stream.bursts:
+        lengths = ", ".join(f"{n} x{stream.bursts[n]}" for n in sorted(stream.bursts))
+        longest = max(stream.bursts)
+        lines.append(
+            f"  loss bursts: {sum(stream.bursts.values())} (frames x bursts: {lengths}); "
+            f"longest {longest} from A #{stream.longest_burst_at}"
+        )
+    if stream.groups:
+        lines.append("  missing at B by flow:")
+        lines += [
+            f"    {protocol} {flow}: {count}"
+            for (protocol, flow), count in stream.groups.most_common()
+        ]
+    lines += _listing("missing at B", stream.missing, lambda f: f"[{f.cause or 'unknown'}]")
+    lines += _listing("only at B", stream.only_b, lambda f: "")
+    lines += _listing("duplicated at B", stream.duplicates, lambda f: f"(copy of A #{f.original})")
+    lines += _listing("reordered at B", stream.reordered, lambda f: f"(behind A #{f.original})")
+    lines += _delays(stream)
+    return lines
+
+
+def _listing(title: str, listing: Listing, note: Callable[[Frame], str]) -> list[str]:
+    if not listing.count:
+        return []
+    lines = [f"  {title}:"]
+    for frame in listing.frames:
+        words = [f"    #{frame.number}", _clock(frame.ts_ns), note(frame), frame.summary]
+        lines.append(" ".join(word for word in words if word))
+    if listing.count > len(listing.frames):
+        lines.append(f"    ... and {listing.count - len(listing.frames)} more (--limit)")
+    return lines
+
+
+def _delays(stream: StreamReport) -> list[str]:
+    delays = stream.delays
+    if not delays.count:
+        return []
+    values = delays.as_dict()
+    parts = [
+        f"{key.split('_')[0]} {_duration(values[key])}"  # type: ignore[arg-type]
+        for key in ("min_ns", "median_ns", "p90_ns", "p99_ns", "max_ns", "mean_ns")
+    ]
+    spread = [
+        f"{'<0' if bound == -1 else '>=10 s' if bound is None else '<' + _duration(bound)} {n}"
+        for bound, n in delays.decades()
+    ]
+    return [
+        f"  delay A->B: {', '.join(parts)}",
+        f"  delay distribution: {', '.join(spread)}",
+    ]
+
+
+def _duration(ns: int) -> str:
+    magnitude = abs(ns)
+    for unit, scale in (("s", 10**9), ("ms", 10**6), ("us", 10**3)):
+        if magnitude >= scale:
+            return f"{ns / scale:.3g} {unit}"
+    return f"{ns} ns"
+
+
+def _clock(ts_ns: int) -> str:
+    seconds, fraction = divmod(ts_ns, 1_000_000_000)
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{fraction // 1000:06d}"
