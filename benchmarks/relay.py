@@ -26,10 +26,12 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import resource
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -175,10 +177,10 @@ class Harness:
         """One sample; tried again with new ports if a port was taken meanwhile."""
         for _ in range(3):
             try:
-                return self._measure(case, free_udp_ports(4 * case.links))
+                return self._measure(case, ports_for(case.links))
             except PortTaken:
                 continue
-        raise RuntimeError(f"{case}: could not get its ports three times")
+        raise RuntimeError(f"{case}: failed three times (the processes' errors are above)")
 
     def _measure(self, case: Case, ports: list[int]) -> Sample:
         go = self.workdir / "go"  # bidirectional peers start sending once it exists
@@ -255,7 +257,7 @@ class Harness:
 
 
 class PortTaken(Exception):
-    """A relay or receiver exited before listening: someone took one of its ports."""
+    """A relay or traffic process failed: most likely someone took one of its ports."""
 
 
 def _wait_bound(ports: list[int], processes: list[subprocess.Popen]) -> None:
@@ -293,9 +295,35 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _json_output(process: subprocess.Popen, timeout: float) -> dict[str, Any]:
     out, _ = process.communicate(timeout=timeout)
-    if process.returncode:
-        raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+    if process.returncode:  # its error is on stderr; most likely a port taken meanwhile
+        raise PortTaken
     return json.loads(out)
+
+
+def ports_for(links: int) -> list[int]:
+    """la, pa, lb, pb per link. Thousands come from below the kernel's ephemeral range, so
+    that no bind(port 0) elsewhere on the machine takes one before the relay binds it."""
+    count = 4 * links
+    if links == 1:
+        return free_udp_ports(count)
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    held: list[socket.socket] = []
+    try:
+        for port in range(random.randrange(10000, ephemeral - 2 * count), ephemeral):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+            if len(held) == count:
+                return [s.getsockname()[1] for s in held]
+        raise RuntimeError(f"fewer than {count} free UDP ports below {ephemeral}")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # --- the relay and the peers for many links (hidden modes) ----------------------------------

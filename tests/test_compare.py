@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import peers
@@ -23,12 +21,15 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
+from test_bridge import lab, late_frames, numbered
+from test_bridge_peers import running
 
 from tunnelscope import pcap, pcapng
+from tunnelscope.capture import open_capture
 from tunnelscope.cli import cli
 from tunnelscope.compare import CompareError, Report, Selection, compare, normaliser, parse_ignore
 from tunnelscope.decoders import decode
-from tunnelscope.engine import Engine, Link, available_backends
+from tunnelscope.engine import available_backends
 from tunnelscope.impairments import parse_impairment
 from tunnelscope.linktype import LinkType
 from tunnelscope.packet import Direction
@@ -40,9 +41,9 @@ T0 = 1_700_000_000 * 10**9
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 
 
-def run(*args: str) -> Result:
+def run(*args: str, stdin: bytes | None = None) -> Result:
     """`tunnelscope compare ARGS` in process; any escaping exception fails the test."""
-    result = CliRunner().invoke(cli, ["compare", *args])
+    result = CliRunner().invoke(cli, ["compare", *args], input=stdin)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert "Traceback" not in result.output + result.stderr
@@ -84,27 +85,9 @@ def missing_numbers(report: Report, stream: int = 0) -> list[int]:
 # A real bridged path: VPCS <-> tunnelscope link (a2b freq_drop 3) <-> VPCS --------------
 
 
-@contextmanager
-def running(backend: str, a_spec: str, b_spec: str) -> Iterator[Link]:
-    engine = Engine(backend)
-    link = engine.add_link("link", a_spec, b_spec, seed=1)
-    thread = threading.Thread(target=engine.run, daemon=True)
-    thread.start()
-    try:
-        yield link
-    finally:
-        engine.stop()
-        thread.join(5)
-        engine.close()
-
-
-@pytest.fixture(params=available_backends())
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 @peers.needs_vpcs
 @tshark.required
+@pytest.mark.parametrize("backend", available_backends())
 def test_vpcs_ping_with_freq_drop_missing_frames_are_exactly_the_commented_ones(
     backend: str, tmp_path: Path
 ) -> None:
@@ -157,6 +140,34 @@ def test_vpcs_ping_with_freq_drop_missing_frames_are_exactly_the_commented_ones(
     text = run(str(path)).stdout
     assert f"out (a2b): {out.a_frames} frames at A" in text
     assert f"missing at B by cause: freq_drop {len(dropped)}" in text
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_a_bridged_link_with_loss_copies_and_reordering_agrees_with_its_counters(
+    backend: str, tmp_path: Path
+) -> None:
+    """Loss before duplication, so a frame marked dropped never reaches B in any copy."""
+    path = tmp_path / "link.pcapng"
+    impairments = ("a2b packet_loss 10", "a2b duplicate 5", "a2b reorder 5")
+    with lab(backend, *impairments) as t:
+        t.link.start_capture(str(path), LinkType.ETHERNET, "both")
+        t.send(t.peer_a, numbered(2000, size=80))
+        stats = t.settle(2000)
+        t.link.stop_capture()
+    with open_capture(str(path)) as reader:  # what B was sent, in order: count the late ones
+        sent = [int.from_bytes(p.data[:4], "big") for p in reader if p.interface == 1]
+    first_copies = list(dict.fromkeys(sent))
+
+    report = compare(Selection(str(path)))
+    (out,) = report.streams
+    dropped = stats["dropped"]["packet_loss"]
+    assert out.a_frames == stats["received"] == 2000 and out.b_frames == len(sent)
+    assert out.missing.count == out.commented == out.commented_missing == dropped > 0
+    assert out.causes == {"packet_loss": dropped} and out.only_b.count == 0
+    assert out.matched == 2000 - dropped == len(first_copies)
+    assert out.duplicates.count == stats["duplicated"] == len(sent) - len(first_copies)
+    assert out.reordered.count == late_frames(first_copies) > 0
+    assert out.delays.minimum >= 0 and out.delays.maximum < 500 * MS  # parked: 100 ms at most
 
 
 # A VLAN-tagging path (crafted): A untagged, B tagged by a switch that loses, copies and
@@ -214,7 +225,7 @@ def test_vlan_path_matches_despite_the_tag_and_finds_each_change(tmp_path: Path)
     (copy,) = stream.duplicates.frames
     assert copy.original == 6 and copy.fields["vlan.id"] == [100]
     (late,) = stream.reordered.frames
-    assert (late.fields["icmp.seq"], late.original) == (7, 10)  # A #9 came behind A #10
+    assert (late.fields["icmp.seq"], late.original, late.behind) == (7, 9, 10)
     assert stream.groups == {
         ("udp", "10.0.0.1:53 > 10.0.0.3:3"): 1,
         ("icmp", "10.0.0.1 > 10.0.0.2"): 1,
@@ -227,10 +238,11 @@ def test_vlan_path_matches_despite_the_tag_and_finds_each_change(tmp_path: Path)
     result = run(a_path, b_path)
     assert result.exit_code == 1
     assert "no frame of A appears at B" in result.stderr and "--ignore" in result.stderr
-    result = run(a_path, b_path, "--ignore", "vlan", "--json")
+    result = run("-", b_path, "--ignore", "vlan", "--json", stdin=Path(a_path).read_bytes())
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["directions"][0]["missing"]["count"] == 3 and data["ignore"] == ["vlan"]
+    assert data["a"]["capture"] == "stdin" and not result.stderr  # no progress bar off a tty
 
 
 def test_repeated_identical_frames_match_first_in_first_out(tmp_path: Path) -> None:
@@ -427,15 +439,25 @@ def test_a_truncated_capture_is_compared_up_to_the_damage(damaged: str, tmp_path
     report = compare(Selection(a_path), Selection(b_path))
     (stream,) = report.streams
     assert missing_numbers(report) == [4] and stream.only_b.count == 0
-    assert stream.matched == (9 if damaged == "A" else 8)  # up to the last whole record
+    assert stream.matched == (8 if damaged == "A" else 9)  # up to the last whole record
+    assert stream.a_frames == (9 if damaged == "A" else 10) and stream.b_frames == stream.matched
     damaged_side = report.a if damaged == "A" else report.b
     assert damaged_side.truncated and "truncated record" in damaged_side.truncated
 
     result = run(a_path, b_path)
     assert result.exit_code == 1
-    assert "missing at B:" in result.stdout
+    assert "missing at B, by flow and protocol:" in result.stdout
     (warning,) = result.stderr.splitlines()
     assert warning.startswith(f"tunnelscope: warning: {damaged} (") and "compared up to" in warning
+
+
+def test_a_capture_damaged_in_its_first_record_compares_nothing(tmp_path: Path) -> None:
+    a_path = Path(write_pcap(tmp_path / "a.pcap", 1, pings(5)))
+    a_path.write_bytes(a_path.read_bytes()[:30])
+    b_path = write_pcap(tmp_path / "b.pcap", 1, pings(5))
+    result = run(str(a_path), b_path, "--json")
+    assert result.exit_code == 1 and "truncated record header" in result.stderr
+    assert json.loads(result.stdout)["directions"] == []  # no B frame is "only at B"
 
 
 def test_a_truncated_pre_post_capture_stops_both_points(tmp_path: Path) -> None:
@@ -457,7 +479,8 @@ def test_unreadable_inputs_and_bad_selections_fail_in_one_line(tmp_path: Path) -
     (tmp_path / "empty.pcap").write_bytes(b"")
     two = write_pcapng(tmp_path / "two.pcapng", ["r1 pre", "r1 post"], [])
     cases = {
-        (str(tmp_path / "nope.pcap"), good): "A (",
+        (str(tmp_path / "nope.pcap"), good): "nope.pcap): No such file or directory",
+        (f"{tmp_path}/nope.pcapng#pre", good): "nope.pcapng#pre): No such file or directory",
         (good, str(tmp_path / "text.pcap")): "not a pcap or pcapng file",
         (good, str(tmp_path / "empty.pcap")): "empty or truncated file",
         (two, good): "2 interfaces ('r1 pre', 'r1 post'); pick one, e.g.",

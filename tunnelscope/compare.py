@@ -92,10 +92,11 @@ class Selection:
         """PATH[#INTERFACE][@DIRECTION]; a path that exists as given is never split."""
         path, rest = text, ""
         if text != "-" and not os.path.exists(text):
-            for cut in sorted((i for i, c in enumerate(text) if c in "#@"), reverse=True):
-                if text[:cut] == "-" or os.path.exists(text[:cut]):
-                    path, rest = text[:cut], text[cut:]
-                    break
+            cuts = [i for i, c in enumerate(text) if c in "#@"]
+            existing = [i for i in cuts if text[:i] == "-" or os.path.exists(text[:i])]
+            if existing or cuts:  # the longest path that exists, else the shortest prefix
+                cut = existing[-1] if existing else cuts[0]
+                path, rest = text[:cut], text[cut:]
         interface, direction = rest, None
         head, at, word = rest.rpartition("@")
         if at:
@@ -117,7 +118,7 @@ class Selection:
 
 
 _DIRECTION_WORDS = {Direction.OUTBOUND: "out", Direction.INBOUND: "in"}
-_TUNNELSCOPE_WORDS = {Direction.OUTBOUND: "a2b", Direction.INBOUND: "b2a"}
+TUNNELSCOPE_WORDS = {Direction.OUTBOUND: "a2b", Direction.INBOUND: "b2a"}  # seen from end A
 
 
 def parse_ignore(words: list[str]) -> frozenset[str]:
@@ -278,7 +279,8 @@ class Frame:
     fields: dict[str, object]
     cause: str | None = None  # missing frames: why
     comment: str | None = None
-    original: int | None = None  # duplicates: A's frame; reordered: the A frame it follows
+    original: int | None = None  # duplicated and reordered frames of B: the frame of A
+    behind: int | None = None  # reordered: the A frame it came after although sent before
 
     def as_dict(self) -> dict[str, object]:
         seconds, fraction = divmod(self.ts_ns, 1_000_000_000)
@@ -288,6 +290,8 @@ class Frame:
             data.update(cause=self.cause, comment=self.comment)
         if self.original is not None:
             data["original"] = self.original
+        if self.behind is not None:
+            data["behind"] = self.behind
         data["fields"] = self.fields
         return data
 
@@ -448,7 +452,7 @@ class StreamReport:
             "matched": self.matched,
             "missing": {
                 **self.missing.as_dict(),
-                "by_cause": {str(cause): n for cause, n in self.causes.most_common()},
+                "by_cause": {cause or "unknown": n for cause, n in self.causes.most_common()},
                 "groups": [
                     {"protocol": protocol, "flow": flow, "count": count}
                     for (protocol, flow), count in self.groups.most_common()
@@ -485,12 +489,16 @@ class SideReport:
     truncated: str | None = None  # why reading stopped early
     statistics_dropped: int | None = None  # isb_ifdrop of the interface, when written
 
+    @property
+    def linktype_name(self) -> str:
+        return _linktype_name(self.linktype)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "capture": self.selection.label(),
             "interface": self.interface or None,
             "direction": _DIRECTION_WORDS.get(self.selection.direction or Direction.UNKNOWN),
-            "linktype": _linktype_name(self.linktype),
+            "linktype": self.linktype_name,
             "frames": self.frames,
             "truncated": self.truncated,
             "statistics_dropped": self.statistics_dropped,
@@ -499,6 +507,8 @@ class SideReport:
 
 @dataclass
 class Report:
+    """The whole comparison: both sides, then one StreamReport per direction."""
+
     a: SideReport
     b: SideReport
     window_ns: int
@@ -529,7 +539,7 @@ class Report:
             hint = [name for name in IGNORABLE if name not in self.ignore]
             problems.append(
                 "no frame of A appears at B: the captures are unrelated"
-                + (f", or rewrite frames (try --ignore {','.join(hint)})" if hint else "")
+                + (f", or the path rewrites frames (try --ignore {','.join(hint)})" if hint else "")
             )
         return problems
 
@@ -545,15 +555,11 @@ class Report:
         }
 
 
-def _known(linktype: int) -> LinkType | None:
-    try:
-        return LinkType(linktype)
-    except ValueError:
-        return None
+_KNOWN_LINKTYPES = {int(linktype): linktype for linktype in LinkType}
 
 
 def _linktype_name(linktype: int) -> str:
-    known = _known(linktype)
+    known = _KNOWN_LINKTYPES.get(linktype)
     return known.short_name if known else f"linktype {linktype}"
 
 
@@ -658,7 +664,7 @@ class _Side:
         iface = interfaces[self.index] if self.index < len(interfaces) else None
         linktype = iface.linktype if iface else 0
         self.report = SideReport(selection, iface.name if iface else "", linktype)
-        known = _known(linktype)
+        known = _KNOWN_LINKTYPES.get(linktype)
         self.direction_byte = bool(known and known.has_direction_byte)
         self.linktype = known.without_direction if known else linktype
         first = capture.first
@@ -699,30 +705,32 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _merge(a: Iterator[_Item], b: Iterator[_Item], window: int) -> Iterator[_Item]:
+def _merge(side_a: _Side, side_b: _Side, window: int) -> Iterator[_Item]:
     """Two captures' frames in timestamp order; the last item says "may it wait for a match?".
 
     After a damaged record in one capture the other goes on for one window only, and its
     frames may only match frames already waiting: the comparison stops where the damage is.
     """
+    a, b = side_a.capture.frames([side_a]), side_b.capture.frames([side_b])
     a_item, b_item = next(a, None), next(b, None)
-    cut = NEVER
+    damaged_at_once = any(
+        i is None and s.capture.error for s, i in ((side_a, a_item), (side_b, b_item))
+    )
+    cut = -NEVER if damaged_at_once else NEVER
     while a_item is not None or b_item is not None:
         if b_item is None or (a_item is not None and a_item[1] <= b_item[1]):
             item, a_item = a_item, next(a, None)
-            other = b_item
-            ended = a_item is None
+            other, ended = b_item, a_item is None
         else:
             item, b_item = b_item, next(b, None)
-            other = a_item
-            ended = b_item is None
+            other, ended = a_item, b_item is None
         side, ts = item[0], item[1]
         if ended and side.capture.error and other is not None:
             cut = ts
         if ts > cut:
             if ts > cut + window:
                 return
-            if side.role == "A":
+            if side is side_a:
                 continue
             item = (*item[:-1], False)
         yield item
@@ -778,20 +786,22 @@ class _Stream:
 
     def add_b(self, ts: int, number: int, key: int, data: bytes, register: bool = True) -> None:
         """A frame of B; `register` False: only to match A frames already waiting."""
-        self.report.b_frames += 1
         bucket = self.table.get(key)
         if bucket is not None:
             mid = bucket[1]
             if mid + 2 < len(bucket):
+                self.report.b_frames += 1
                 bucket[1] = mid + 1
-                self._matched(bucket[mid + 2], ts, number)
+                self._matched(bucket[mid + 2], ts, number, data)
                 return
             if mid > bucket[0]:
                 if register:
+                    self.report.b_frames += 1
                     duplicates = self.report.duplicates
                     self._list(duplicates, self.side_b, number, ts, data, bucket[mid + 1][NUMBER])
                 return
         if register:
+            self.report.b_frames += 1
             entry = [ts, number, key, data, False]
             self.pending_b.append(entry)
             waiting = self.table_b.get(key)
@@ -800,7 +810,7 @@ class _Stream:
             else:
                 waiting.append(entry)
 
-    def _matched(self, entry: list, ts_b: int, number_b: int = 0) -> None:
+    def _matched(self, entry: list, ts_b: int, number_b: int = 0, data_b: bytes = b"") -> None:
         report = self.report
         report.matched += 1
         report.delays.add(ts_b - entry[TS])
@@ -808,20 +818,26 @@ class _Stream:
             report.commented_seen += 1
         if number_b:  # matched in B's order: a frame behind the highest A number came late
             if entry[NUMBER] < self.highest:
-                side = self.side_a
-                self._list(report.reordered, side, number_b, ts_b, entry[DATA], self.highest)
+                frame = self._list(
+                    report.reordered, self.side_b, number_b, ts_b, data_b, entry[NUMBER]
+                )
+                if frame is not None:
+                    frame.behind = self.highest
             else:
                 self.highest = entry[NUMBER]
         entry[DATA] = None
 
     def _list(
         self, listing: Listing, side: _Side, number: int, ts: int, data: bytes, original: int | None
-    ) -> None:
+    ) -> Frame | None:
+        """Count a frame; describe it while the listing has room. The Frame, if listed."""
         listing.count += 1
-        if not listing.full:
-            frame = describe(side.linktype, number, ts, data)
-            frame.original = original
-            listing.frames.append(frame)
+        if listing.full:
+            return None
+        frame = describe(side.linktype, number, ts, data)
+        frame.original = original
+        listing.frames.append(frame)
+        return frame
 
     def expire(self, cutoff: int, b_stopped: int | None) -> int:
         """Settle every entry older than `cutoff`; return the time of the oldest one left."""
@@ -850,11 +866,11 @@ class _Stream:
         report = self.report
         ts, number, comment = entry[TS], entry[NUMBER], entry[COMMENT]
         cause = cause_of(comment)
-        if cause is None:
-            first_b = self.side_b.report.first_ns
-            if first_b is None or ts < first_b:
+        if cause is None:  # could it have reached B while B was not capturing?
+            first_b, delays = self.side_b.report.first_ns, report.delays
+            if first_b is None or ts + (delays.minimum if delays.count else 0) < first_b:
                 cause = "before B started"
-            elif b_stopped is not None and ts + max(report.delays.maximum, 0) > b_stopped:
+            elif b_stopped is not None and ts + max(delays.maximum, 0) > b_stopped:
                 cause = "after B stopped"
         report.causes[cause] += 1
         frame = describe(self.side_a.linktype, number, ts, entry[DATA])
@@ -985,11 +1001,10 @@ def _run(
         items = side_a.capture.frames([side_a, side_b])
         captures = [side_a.capture]
     else:
-        a_frames, b_frames = side_a.capture.frames([side_a]), side_b.capture.frames([side_b])
-        items = _merge(a_frames, b_frames, window)
+        items = _merge(side_a, side_b, window)
         captures = [side_a.capture, side_b.capture]
     sizes = [capture.size() for capture in captures]
-    total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+    total = None if None in sizes else sum(size or 0 for size in sizes)
     norm_a = normaliser(side_a.linktype, ignore)
     norm_b = normaliser(side_b.linktype, ignore)
     streams: dict[int, _Stream] = {}

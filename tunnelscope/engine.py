@@ -85,7 +85,11 @@ class _CLoop:
         self.loop = _fastpath.Loop()
 
     def add(self, a: Endpoint, b: Endpoint) -> int:
-        return self.loop.add_bridge(a.fileno(), a.kind, b.fileno(), b.kind)
+        peers = {  # a Unix datagram peer that restarts is reconnected by the C loop
+            "a_peer": getattr(a, "remote_path", None),
+            "b_peer": getattr(b, "remote_path", None),
+        }
+        return self.loop.add_bridge(a.fileno(), a.kind, b.fileno(), b.kind, **peers)
 
     def set_chain(self, bridge: int, direction: int, stages: list) -> None:
         self.loop.set_chain(bridge, direction, [stage.as_tuple() for stage in stages])

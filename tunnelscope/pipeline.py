@@ -285,8 +285,10 @@ class Link:
         pipeline = self.pipelines[direction]
         pipeline.counters.queued = pipeline.queued
         stats = pipeline.counters.as_dict()
-        for key, value in self.ends[direction].counters.items():  # oversize, refused
-            stats[key] = value
+        receiver, sender = self.ends[direction], self.ends[1 - direction]
+        stats["oversize"] = receiver.counters.get("oversize", 0)
+        for key in ("refused", "send_busy", "send_failed"):  # about this direction's sends
+            stats[key] = sender.counters.get(key, 0)
         return stats
 
 

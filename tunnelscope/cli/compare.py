@@ -15,6 +15,7 @@ from tunnelscope.compare import (
     DEFAULT_LIMIT,
     DEFAULT_WINDOW,
     IGNORABLE,
+    TUNNELSCOPE_WORDS,
     CompareError,
     Frame,
     Listing,
@@ -25,9 +26,6 @@ from tunnelscope.compare import (
     compare,
     parse_ignore,
 )
-from tunnelscope.packet import Direction
-
-_TUNNELSCOPE_NAMES = {Direction.OUTBOUND: "a2b", Direction.INBOUND: "b2a"}
 
 
 @click.command(name="compare")
@@ -157,19 +155,19 @@ def _side(role: str, side: SideReport) -> str:
     text = f"{role}: {side.selection.label()}"
     if side.interface and side.selection.interface != side.interface:
         text += f" (interface {side.interface!r})"
-    return text + f", {side.as_dict()['linktype']}, {side.frames} frames"
+    return text + f", {side.linktype_name}, {side.frames} frames"
 
 
 def _stream(stream: StreamReport, tunnelscope: bool) -> list[str]:
     name = stream.name
-    if tunnelscope and stream.direction in _TUNNELSCOPE_NAMES:
-        name += f" ({_TUNNELSCOPE_NAMES[stream.direction]})"
+    if tunnelscope and stream.direction in TUNNELSCOPE_WORDS:
+        name += f" ({TUNNELSCOPE_WORDS[stream.direction]})"
     lines = [
         f"{name}: {stream.a_frames} frames at A, {stream.b_frames} at B: {stream.matched} "
         f"matched, {stream.missing.count} missing at B, {stream.only_b.count} only at B, "
         f"{stream.duplicates.count} duplicated, {stream.reordered.count} reordered"
     ]
-    if stream.missing.count:
+    if any(stream.causes):
         causes = ", ".join(f"{cause or 'unknown'} {n}" for cause, n in stream.causes.most_common())
         lines.append(f"  missing at B by cause: {causes}")
     if stream.commented or (tunnelscope and stream.missing.count):
@@ -179,53 +177,73 @@ def _stream(stream: StreamReport, tunnelscope: bool) -> list[str]:
             f"{stream.uncommented_missing} missing without one"
         )
     if stream.bursts:
-        lengths = ", ".join(f"{n} x{stream.bursts[n]}" for n in sorted(stream.bursts))
-        longest = max(stream.bursts)
+        lengths = ", ".join(f"{_frames(n)} x{stream.bursts[n]}" for n in sorted(stream.bursts))
         lines.append(
-            f"  loss bursts: {sum(stream.bursts.values())} (frames x bursts: {lengths}); "
-            f"longest {longest} from A #{stream.longest_burst_at}"
+            f"  loss bursts: {sum(stream.bursts.values())}; lengths {lengths}; longest "
+            f"{_frames(max(stream.bursts))} from A #{stream.longest_burst_at}"
         )
-    if stream.groups:
-        lines.append("  missing at B by flow:")
-        lines += [
-            f"    {protocol} {flow}: {count}"
-            for (protocol, flow), count in stream.groups.most_common()
-        ]
-    lines += _listing("missing at B", stream.missing, lambda f: f"[{f.cause or 'unknown'}]")
+    lines += _missing(stream)
     lines += _listing("only at B", stream.only_b, lambda f: "")
     lines += _listing("duplicated at B", stream.duplicates, lambda f: f"(copy of A #{f.original})")
-    lines += _listing("reordered at B", stream.reordered, lambda f: f"(behind A #{f.original})")
+    lines += _listing(
+        "reordered at B", stream.reordered, lambda f: f"(A #{f.original}, after A #{f.behind})"
+    )
     lines += _delays(stream)
     return lines
+
+
+def _missing(stream: StreamReport) -> list[str]:
+    """The missing frames under their flow and protocol, largest group first."""
+    if not stream.missing.count:
+        return []
+    lines = ["  missing at B, by flow and protocol:"]
+    for (protocol, flow), count in stream.groups.most_common():
+        lines.append(f"    {protocol} {flow}: {count}")
+        listed = [f for f in stream.missing.frames if (f.protocol, f.flow) == (protocol, flow)]
+        lines += [_frame_line(f, f"[{f.cause}]" if f.cause else "", "      ") for f in listed]
+    return lines + _more(stream.missing)
 
 
 def _listing(title: str, listing: Listing, note: Callable[[Frame], str]) -> list[str]:
     if not listing.count:
         return []
     lines = [f"  {title}:"]
-    for frame in listing.frames:
-        words = [f"    #{frame.number}", _clock(frame.ts_ns), note(frame), frame.summary]
-        lines.append(" ".join(word for word in words if word))
-    if listing.count > len(listing.frames):
-        lines.append(f"    ... and {listing.count - len(listing.frames)} more (--limit)")
-    return lines
+    lines += [_frame_line(frame, note(frame), "    ") for frame in listing.frames]
+    return lines + _more(listing)
+
+
+def _frame_line(frame: Frame, note: str, indent: str) -> str:
+    words = [f"{indent}#{frame.number}", _clock(frame.ts_ns), note, frame.summary]
+    return " ".join(word for word in words if word)
+
+
+def _more(listing: Listing) -> list[str]:
+    unlisted = listing.count - len(listing.frames)
+    return [f"    ... {unlisted} more not listed (--limit)"] if unlisted else []
+
+
+def _frames(count: int) -> str:
+    return f"{count} frame" + ("" if count == 1 else "s")
 
 
 def _delays(stream: StreamReport) -> list[str]:
     delays = stream.delays
     if not delays.count:
         return []
-    values = delays.as_dict()
-    parts = [
-        f"{key.split('_')[0]} {_duration(values[key])}"  # type: ignore[arg-type]
-        for key in ("min_ns", "median_ns", "p90_ns", "p99_ns", "max_ns", "mean_ns")
-    ]
+    figures = {
+        "min": delays.minimum,
+        "median": delays.quantile(0.5) or 0,
+        "p90": delays.quantile(0.9) or 0,
+        "p99": delays.quantile(0.99) or 0,
+        "max": delays.maximum,
+        "mean": delays.total // delays.count,
+    }
     spread = [
         f"{'<0' if bound == -1 else '>=10 s' if bound is None else '<' + _duration(bound)} {n}"
         for bound, n in delays.decades()
     ]
     return [
-        f"  delay A->B: {', '.join(parts)}",
+        f"  delay A->B: {', '.join(f'{name} {_duration(ns)}' for name, ns in figures.items())}",
         f"  delay distribution: {', '.join(spread)}",
     ]
 

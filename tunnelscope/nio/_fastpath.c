@@ -8,7 +8,7 @@
  *
  * Sections, one per concern:
  *   1. constants and small helpers     6. capture encoding and the Capture type's core
- *   2. clock                           7. endpoint I/O (recvmmsg/read, sendmmsg/write)
+ *   2. clock                           7. endpoint I/O (recvmmsg/read, sendmmsg/write, GSO)
  *   3. random numbers (splitmix64)     8. the loop: bridges, receive, transmit, timers, epoll
  *   4. frame pool                      9. Python types: Capture, Loop
  *   5. impairments and output queue   10. module helpers send_frames/recv_frames, module init
@@ -18,6 +18,11 @@
  * a control thread may call them while another thread is inside run(). A Capture has its own
  * mutex (the loop writes records into it; Python may call append/flush/close at any time).
  * Lock order: loop mutex, then capture mutex. Neither is ever held while waiting for the GIL.
+ *
+ * Memory. One receive buffer set per loop (BATCH slots of SLOT_SIZE bytes), whatever the
+ * number of bridges. A frame's bytes stay in its slot while its batch is processed; only a
+ * frame that must wait (delay, rate, reorder, a duplicate) gets a malloc'd copy, freed when
+ * sent. Frame descriptors come from a pool trimmed to FREE_FRAMES_KEPT after every pass.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2284,10 +2289,11 @@ static PyObject *Loop_stats(LoopObject *L, PyObject *args)
     bridge_t *b = find_bridge(L, id);
     if (b) { /* a snapshot: no Python objects are made under the lock */
         dir_t *d = &b->dirs[direction];
-        endpoint_t *ep = &b->ends[direction]; /* the end this direction receives from */
+        endpoint_t *in = &b->ends[direction];      /* receives this direction's frames */
+        endpoint_t *out = &b->ends[1 - direction]; /* sends them: refusals, busy, failures */
         uint64_t v[N] = {d->received,   d->forwarded,  d->send_errors, d->corrupted,
                          d->duplicated, d->delayed,    d->reordered,   queued(d),
-                         ep->refused,   ep->oversize,  ep->send_busy,  ep->send_failed, 0};
+                         out->refused,  in->oversize,  out->send_busy, out->send_failed, 0};
         memcpy(values, v, sizeof values);
         if (d->ncauses && !(causes = calloc((size_t)d->ncauses, sizeof *causes)))
             no_memory = true;

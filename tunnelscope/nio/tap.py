@@ -100,6 +100,11 @@ class TapEndpoint(Endpoint):
                 size = os.readv(self.fd, [self._buffer])
             except BlockingIOError:
                 break
+            if size == 0:  # the device went away: nothing more to read
+                break
+            if size == len(self._buffer):  # a full buffer may hide a longer frame
+                self.counters["oversize"] += 1
+                continue
             frames.append(self._view[:size].tobytes())
         return frames
 
