@@ -10,8 +10,8 @@ unique, RATE frames per second): A, and B = A 50 us later with every 100th frame
 - one pcapng holding `bench pre` and `bench post` interfaces, as `tunnelscope bridge
   --capture-point both` writes them (the lost frames carry `dropped by packet_loss`).
 Each comparison runs in a fresh process (`compare()` only: no interpreter start-up, no
-file writing); it reports wall time, frames per second (frames read from A and B together)
-and its peak RSS (VmHWM, Linux). The counts are checked against what was written. Memory is
+file writing); it reports wall time, frames per second (frames read from A and B together),
+its peak RSS (VmHWM, Linux) and, for scale, how long reading the same files alone takes. The counts are checked against what was written. Memory is
 bounded by what arrives within one window: RATE x WINDOW frames, not FRAMES.
 """
 
@@ -33,6 +33,7 @@ HEAD = bytes.fromhex("0200000000020200000000010800")  # Ethernet, IPv4
 
 _MEASURE = """
 import json, sys, time
+from tunnelscope.capture import open_capture
 from tunnelscope.compare import Selection, compare
 
 def peak_rss_mb():  # VmHWM: this program's peak alone (ru_maxrss counts the forking parent's)
@@ -44,9 +45,15 @@ a, b, window = sys.argv[1], sys.argv[2] or None, float(sys.argv[3])
 start = time.perf_counter()
 report = compare(Selection.parse(a), Selection.parse(b) if b else None, window)
 seconds = time.perf_counter() - start
+start = time.perf_counter()
+for path in {a, b} - {""}:  # the readers alone, for comparison
+    with open_capture(path) as reader:
+        for _ in reader:
+            pass
 streams = report.streams
 print(json.dumps({
     "seconds": seconds,
+    "read_seconds": time.perf_counter() - start,
     "frames": report.a.frames + report.b.frames,
     "rss_mb": peak_rss_mb(),
     "matched": report.matched,
@@ -182,6 +189,7 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"{name:16} {r['seconds']:6.2f} s  {r['frames'] / r['seconds']:9,.0f} frames/s  "
+            f"(reading alone {r['read_seconds']:5.2f} s)  "
             f"peak RSS {r['rss_mb']:6.1f} MB  missing {r['missing']}  duplicates "
             f"{r['duplicates']}  reordered {r['reordered']}  counts "
             f"{'as written' if r['correct'] else 'WRONG'}"
