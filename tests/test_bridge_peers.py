@@ -69,21 +69,24 @@ def test_vpcs_pings_through_the_bridge_and_freq_drop_kills_the_predicted_ones(
     backend: str, tmp_path: Path
 ) -> None:
     p1, l1, l2, p2 = peers.free_udp_ports(4)
-    with running(backend, f"udp:{l1}:127.0.0.1:{p1}", f"udp:{l2}:127.0.0.1:{p2}") as link:
-        with peers.VPCS(p1, l1, mac_offset=1) as pc1, peers.VPCS(p2, l2, mac_offset=2) as pc2:
-            pc1.set_ip("10.0.0.1/24")
-            pc2.set_ip("10.0.0.2/24")
-            assert pc1.ping("10.0.0.2", count=10, interval_ms=100) == [
-                (seq, True) for seq in range(1, 11)
-            ], pc1.transcript
+    with (
+        running(backend, f"udp:{l1}:127.0.0.1:{p1}", f"udp:{l2}:127.0.0.1:{p2}") as link,
+        peers.VPCS(p1, l1, mac_offset=1) as pc1,
+        peers.VPCS(p2, l2, mac_offset=2) as pc2,
+    ):
+        pc1.set_ip("10.0.0.1/24")
+        pc2.set_ip("10.0.0.2/24")
+        assert pc1.ping("10.0.0.2", count=10, interval_ms=100) == [
+            (seq, True) for seq in range(1, 11)
+        ], pc1.transcript
 
-            before = link.stats()
-            link.set_impairments([parse_impairment("a2b freq_drop 3")])
-            path = tmp_path / "vpcs.pcapng"
-            link.start_capture(str(path), LinkType.ETHERNET, "both")
-            results = pc1.ping("10.0.0.2", count=10, interval_ms=100)
-            after = link.stats()
-            link.stop_capture()
+        before = link.stats()
+        link.set_impairments([parse_impairment("a2b freq_drop 3")])
+        path = tmp_path / "vpcs.pcapng"
+        link.start_capture(str(path), LinkType.ETHERNET, "both")
+        results = pc1.ping("10.0.0.2", count=10, interval_ms=100)
+        after = link.stats()
+        link.stop_capture()
 
     frames = a2b_frames(path)
     lost = predicted_lost_echo_requests(frames, 3)
@@ -97,15 +100,18 @@ def test_vpcs_pings_through_the_bridge_and_freq_drop_kills_the_predicted_ones(
 
 @peers.needs_root
 def test_kernel_pings_through_taps_in_two_namespaces(backend: str, tmp_path: Path) -> None:
-    with peers.tap_namespace("10.99.1.1/24") as ns1, peers.tap_namespace("10.99.1.2/24") as ns2:
-        with running(backend, ns1.tap_spec, ns2.tap_spec) as link:
-            assert ns1.ping("10.99.1.2", count=5, interval=0.1) == (5, 5)
+    with (
+        peers.tap_namespace("10.99.1.1/24") as ns1,
+        peers.tap_namespace("10.99.1.2/24") as ns2,
+        running(backend, ns1.tap_spec, ns2.tap_spec) as link,
+    ):
+        assert ns1.ping("10.99.1.2", count=5, interval=0.1) == (5, 5)
 
-            link.set_impairments([parse_impairment("a2b freq_drop 2")])
-            path = tmp_path / "kernel.pcapng"
-            link.start_capture(str(path), LinkType.ETHERNET, "both")
-            transmitted, received = ns1.ping("10.99.1.2", count=10, interval=0.1, wait=0.5)
-            link.stop_capture()
+        link.set_impairments([parse_impairment("a2b freq_drop 2")])
+        path = tmp_path / "kernel.pcapng"
+        link.start_capture(str(path), LinkType.ETHERNET, "both")
+        transmitted, received = ns1.ping("10.99.1.2", count=10, interval=0.1, wait=0.5)
+        link.stop_capture()
 
     frames = a2b_frames(path)
     lost = predicted_lost_echo_requests(frames, 2)
