@@ -11,8 +11,9 @@ unique, RATE frames per second): A, and B = A 50 us later with every 100th frame
   --capture-point both` writes them (the lost frames carry `dropped by packet_loss`).
 Each comparison runs in a fresh process (`compare()` only: no interpreter start-up, no
 file writing); it reports wall time, frames per second (frames read from A and B together),
-its peak RSS (VmHWM, Linux) and, for scale, how long reading the same files alone takes. The counts are checked against what was written. Memory is
-bounded by what arrives within one window: RATE x WINDOW frames, not FRAMES.
+its peak RSS (VmHWM, Linux) and, for scale, how long reading the same files alone takes.
+The counts are checked against what was written. Memory is bounded by what arrives within
+one window: RATE x WINDOW frames, not FRAMES.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ start = time.perf_counter()
 report = compare(Selection.parse(a), Selection.parse(b) if b else None, window)
 seconds = time.perf_counter() - start
 start = time.perf_counter()
-for path in {a, b} - {""}:  # the readers alone, for comparison
+for path in [a] + ([b] if b else []):  # the readers alone, for comparison
     with open_capture(path) as reader:
         for _ in reader:
             pass
@@ -158,9 +159,10 @@ def measure(a: str, b: str, window: float) -> dict[str, float]:
         [sys.executable, "-c", _MEASURE, a, b, str(window)],
         capture_output=True,
         text=True,
-        check=True,
         cwd=root,
     )
+    if done.returncode:
+        raise RuntimeError(f"the measuring process failed: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
 

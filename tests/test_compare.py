@@ -296,6 +296,28 @@ def test_each_direction_is_compared_on_its_own(tmp_path: Path) -> None:
     assert stream.name == "in" and stream.matched == 1 and stream.only_b.count == 1
 
 
+def test_selection_syntax(tmp_path: Path) -> None:
+    path = tmp_path / "lab.pcapng"
+    odd = tmp_path / "run#2@out.pcap"  # a file whose name looks like a selection
+    path.touch()
+    odd.touch()
+    out, inb = Direction.OUTBOUND, Direction.INBOUND
+    cases = {
+        f"{path}": Selection(str(path)),
+        f"{path}#pre": Selection(str(path), "pre"),
+        f"{path}#r1-r2 post@in": Selection(str(path), "r1-r2 post", inb),
+        f"{path}@a2b": Selection(str(path), None, out),
+        f"{path}#r1@lab pre": Selection(str(path), "r1@lab pre"),  # not a direction: a name
+        f"{odd}": Selection(str(odd)),
+        f"{odd}#1@b2a": Selection(str(odd), "1", inb),
+        "-#0@out": Selection("-", "0", out),
+    }
+    for text, selection in cases.items():
+        assert Selection.parse(text) == selection, text
+    with pytest.raises(CompareError, match="unknown direction 'up'"):
+        Selection.parse(f"{path}@up")
+
+
 def test_pre_and_post_of_one_capture_by_name_and_by_the_single_argument(tmp_path: Path) -> None:
     frames = untagged_frames()
     records = []

@@ -12,6 +12,11 @@ frame of A within the window is "only at B", unless A had that frame already mat
 duplicate). Identical frames (repeated ARP requests) match first-in first-out. Memory is
 bounded by what arrives within one window, not by the size of the captures.
 
+A B frame may come before its A frame (B's clock behind A's): it waits one window for it.
+Two limits follow from matching by content alone: when identical frames repeat faster than
+the window, a lost one is counted right but may be named as a later copy; and with B's clock
+behind, a repeat at B that comes before A's repeat is taken for a duplicate.
+
 Where both captures carry direction flags (pcapng epb_flags, link types 204-206) each
 direction is compared on its own: a tunnelscope a2b frame (outbound) is matched only
 with outbound frames. A missing frame is attributed to the impairment named by the pre
@@ -99,11 +104,10 @@ class Selection:
                 path, rest = text[:cut], text[cut:]
         interface, direction = rest, None
         head, at, word = rest.rpartition("@")
-        if at:
-            direction = DIRECTIONS.get(word.lower())
-            if direction is None:
-                raise CompareError(f"{text}: unknown direction {word!r} (use out, in, a2b, b2a)")
-            interface = head
+        if at and word.lower() in DIRECTIONS:
+            interface, direction = head, DIRECTIONS[word.lower()]
+        elif at and not rest.startswith("#"):  # else the @ is part of an interface name
+            raise CompareError(f"{text}: unknown direction {word!r} (use out, in, a2b, b2a)")
         if interface and not interface.startswith("#"):
             raise CompareError(f"{text}: expected FILE#INTERFACE or FILE@DIRECTION")
         return cls(path, interface[1:] or None, direction)

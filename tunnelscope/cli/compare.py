@@ -196,11 +196,14 @@ def _missing(stream: StreamReport) -> list[str]:
     """The missing frames under their flow and protocol, largest group first."""
     if not stream.missing.count:
         return []
+    listed: dict[tuple[str, str], list[Frame]] = {}
+    for frame in stream.missing.frames:
+        listed.setdefault((frame.protocol, frame.flow), []).append(frame)
     lines = ["  missing at B, by flow and protocol:"]
     for (protocol, flow), count in stream.groups.most_common():
         lines.append(f"    {protocol} {flow}: {count}")
-        listed = [f for f in stream.missing.frames if (f.protocol, f.flow) == (protocol, flow)]
-        lines += [_frame_line(f, f"[{f.cause}]" if f.cause else "", "      ") for f in listed]
+        frames = listed.get((protocol, flow), [])
+        lines += [_frame_line(f, f"[{f.cause}]" if f.cause else "", "      ") for f in frames]
     return lines + _more(stream.missing)
 
 
