@@ -22,16 +22,20 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tunnelscope.capture import Format
 from tunnelscope.cli import cli
 from tunnelscope.demo import free_udp_ports
 from tunnelscope.engine import Engine, Link, available_backends
 from tunnelscope.impairments import parse_impairment, splitmix64, stream_seed
+from tunnelscope.linktype import LinkType
 from tunnelscope.nio import Endpoint, open_endpoint
 from tunnelscope.traffic import (
+    AFTER_TUNNELSCOPE,
     FrameFactory,
     Framing,
     ProbeRun,
     attach_bridge,
+    attribute_losses,
     plot_report,
     probe_report,
     run_probe,
@@ -208,12 +212,13 @@ def test_plot_without_matplotlib_is_a_one_line_error() -> None:
     )
 
 
-def test_probe_command_through_a_bridge_process() -> None:
+def test_probe_command_through_a_bridge_process(tmp_path) -> None:
     pa, la, lb, pb = free_udp_ports(4)
+    capture = tmp_path / "path.pcapng"
     bridge = subprocess.Popen(
         [sys.executable, "-m", "tunnelscope", "bridge", f"udp:{la}:127.0.0.1:{pa}"]
         + [f"udp:{lb}:127.0.0.1:{pb}", "-I", "a2b packet_loss 10", "-I", "a2b duplicate 2"]
-        + ["--seed", "9", "--duration", "20", "--json"],
+        + ["--seed", "9", "--duration", "20", "--json", "-w", str(capture)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -222,7 +227,8 @@ def test_probe_command_through_a_bridge_process() -> None:
         result = CliRunner().invoke(
             cli,
             ["probe", "--from", f"udp:{pa}:127.0.0.1:{la}", "--to", f"udp:{pb}:127.0.0.1:{lb}"]
-            + ["--frame", "ipv4", "--rate", "10000", "--duration", "0.5", "--json"],
+            + ["--frame", "ipv4", "--rate", "10000", "--duration", "0.5", "--json"]
+            + ["--bridge-capture", str(capture)],
         )
         bridge.send_signal(signal.SIGTERM)
         out, _ = bridge.communicate(timeout=10)
@@ -236,3 +242,59 @@ def test_probe_command_through_a_bridge_process() -> None:
     assert report["duplicated"] == stats["duplicated"]
     low, high = report["loss_ci_percent"]
     assert low < 10 < high
+    assert report["causes"]["by_cause"] == {"packet_loss": report["lost"]}
+
+
+def test_probe_with_an_unreadable_bridge_capture_is_a_one_line_error(tmp_path) -> None:
+    pa, pb = free_udp_ports(2)
+    result = CliRunner().invoke(
+        cli,
+        ["probe", "--from", f"udp:{pa}:127.0.0.1:{pb}", "--to", f"udp:{pb}:127.0.0.1:{pa}"]
+        + ["--count", "5", "--wait", "0.1", "--bridge-capture", str(tmp_path / "none.pcapng")],
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"tunnelscope: error: {tmp_path / 'none.pcapng'}: No such file or directory"
+    ]
+
+
+def test_every_lost_probe_is_attributed_to_the_impairment_that_dropped_it(tmp_path) -> None:
+    path = tmp_path / "pre.pcapng"
+    with bridged("a2b packet_loss 5") as path_:
+        path_.link.start_capture(str(path), LinkType.ETHERNET, "both")
+        run = path_.run(5000)
+        dropped = path_.link.stats()["a2b"]["dropped"]
+        path_.link.stop_capture()
+    causes = attribute_losses(run, str(path))
+    lost = run.sent - len(set(run.seqs))
+    assert lost > 0
+    assert causes["by_cause"] == {"packet_loss": lost} == {"packet_loss": dropped["packet_loss"]}
+    assert len(causes["probes"]) == min(lost, 100)
+
+
+def test_losses_beyond_the_captured_bridge_are_said_to_be_outside_it(tmp_path) -> None:
+    """Two bridges in series; only the first is captured: the second's drops are 'after'."""
+    pa, la, lb, mid, lc, pb = free_udp_ports(6)
+    engine = Engine()
+    first = engine.add_link("first", f"udp:{la}:127.0.0.1:{pa}", f"udp:{lb}:127.0.0.1:{mid}", 1)
+    second = engine.add_link("second", f"udp:{mid}:127.0.0.1:{lb}", f"udp:{lc}:127.0.0.1:{pb}", 2)
+    first.set_impairments([parse_impairment("a2b freq_drop 10")])
+    second.set_impairments([parse_impairment("a2b freq_drop 7")])
+    path = tmp_path / "first.pcapng"
+    first.start_capture(str(path), LinkType.ETHERNET, "pre", Format(pcapng=True))
+    source = open_endpoint(f"udp:{pa}:127.0.0.1:{la}")
+    target = open_endpoint(f"udp:{pb}:127.0.0.1:{lc}")
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    try:
+        run = run_probe(source, target, FrameFactory(Framing(), 64), 5000.0, 700, wait=0.3)
+        first.stop_capture()
+    finally:
+        engine.stop()
+        thread.join(5)
+        engine.close()
+        source.close()
+        target.close()
+    causes = attribute_losses(run, str(path))["by_cause"]
+    # the first bridge kills every 10th probe (70); the second every 7th of the 630 left (90)
+    assert causes == {AFTER_TUNNELSCOPE: 90, "freq_drop": 70}

@@ -52,6 +52,7 @@ from enum import IntEnum
 from statistics import NormalDist
 from typing import Any
 
+from tunnelscope.capture import open_capture
 from tunnelscope.linktype import LinkType
 from tunnelscope.nio import KIND_DGRAM, Endpoint
 
@@ -781,6 +782,41 @@ def attach_bridge(
         "loss_unexplained": report["lost"] - sum(dropped.values()),
     }
     return report
+
+
+BEFORE_TUNNELSCOPE = "never reached tunnelscope"
+AFTER_TUNNELSCOPE = "lost after tunnelscope"
+
+
+def attribute_losses(run: ProbeRun, capture: str, limit: int = 100) -> dict[str, Any]:
+    """Which impairment dropped each lost probe, from the bridge's pcapng of the same run.
+
+    The bridge must capture at its *pre* point (`--capture-at pre|both`, pcapng), where every
+    frame an impairment dropped carries `dropped by <name>`. A lost probe found there with
+    such a comment died in that impairment; found without one, it passed tunnelscope and was
+    lost beyond it (peer, kernel buffer, emulator); not found, it never reached tunnelscope.
+    Raises CaptureFormatError or OSError for an unreadable capture.
+    """
+    received = set(run.seqs)
+    lost = {seq for seq in range(run.sent) if seq not in received}
+    causes: dict[int, str] = {}
+    decoder = FrameDecoder(run.factory.framing.offset, run.factory.stream)
+    with open_capture(capture) as reader:
+        for packet in reader:
+            name = reader.interfaces[packet.interface].name
+            if len(reader.interfaces) > 1 and not name.endswith(" pre"):
+                continue
+            for seq, _ in decoder.decode([packet.data]):
+                if seq in lost and seq not in causes:
+                    comment = packet.comment or ""
+                    dropped = comment.startswith("dropped by ")
+                    causes[seq] = comment[len("dropped by ") :] if dropped else AFTER_TUNNELSCOPE
+    per_probe = {seq: causes.get(seq, BEFORE_TUNNELSCOPE) for seq in sorted(lost)}
+    return {
+        "capture": capture,
+        "by_cause": dict(Counter(per_probe.values()).most_common()),
+        "probes": {str(seq): cause for seq, cause in list(per_probe.items())[:limit]},
+    }
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:

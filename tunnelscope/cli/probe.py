@@ -10,7 +10,8 @@ import click
 
 from tunnelscope.cli.blast import framing_options, open_factory, open_nio, stop_on_signals
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.traffic import plot_report, probe_report, run_probe
+from tunnelscope.packet import CaptureFormatError
+from tunnelscope.traffic import attribute_losses, plot_report, probe_report, run_probe
 
 
 @click.command()
@@ -34,6 +35,12 @@ from tunnelscope.traffic import plot_report, probe_report, run_probe
               help="Seconds per time-series point [default: at most 100 points].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", metavar="FILE.png", help="Draw loss and delay over time (matplotlib).")
+@click.option(
+    "--bridge-capture",
+    metavar="FILE.pcapng",
+    help="The pre-point pcapng of the tunnelscope bridge on the path: name the impairment"
+    " that dropped each lost probe, or say it was lost outside tunnelscope.",
+)
 def probe(
     source: str,
     target: str,
@@ -45,6 +52,7 @@ def probe(
     interval: float | None,
     as_json: bool,
     plot: str | None,
+    bridge_capture: str | None,
     **framing: Any,
 ) -> None:
     """Send probes into one tunnel endpoint and receive them at another, through whatever lab
@@ -63,6 +71,11 @@ def probe(
       # a routed serial path: IPv4/UDP over Frame Relay on DLCI 102, plotted
       tunnelscope probe --from udp:20000:127.0.0.1:10001 --to udp:20001:127.0.0.1:10002 \\
           --frame fr --dlci 102 --src-ip 10.1.1.1 --dst-ip 10.2.2.2 --plot path.png
+      # why each probe died: the bridge captured its pre point with drop comments
+      tunnelscope bridge udp:10001:127.0.0.1:20000 udp:10002:127.0.0.1:20001 \\
+          -I "a2b packet_loss 5" -w path.pcapng --capture-at both &
+      tunnelscope probe --from udp:20000:127.0.0.1:10001 --to udp:20001:127.0.0.1:10002 \\
+          --bridge-capture path.pcapng
     """
     factory = open_factory(framing)
     if not (rate > 0 and math.isfinite(rate)):
@@ -82,6 +95,11 @@ def probe(
         for endpoint in endpoints:
             endpoint.close()
     report = {"from": source, "to": target, **probe_report(run, confidence, interval)}
+    if bridge_capture:
+        try:
+            report["causes"] = attribute_losses(run, bridge_capture)
+        except (OSError, CaptureFormatError) as exc:
+            raise Failure(f"{bridge_capture}: {getattr(exc, 'strerror', None) or exc}") from None
     if plot:
         try:
             plot_report(report, plot)
@@ -111,4 +129,7 @@ def _text(r: dict[str, Any]) -> str:
     if delay["p50"] is not None:
         quantiles = "  ".join(f"{k} {v:.3f}" for k, v in delay.items())
         lines.append(f"delay ms: {quantiles}  jitter {r['jitter_ms'] or 0:.3f}")
+    if "causes" in r:
+        causes = ", ".join(f"{cause} {n}" for cause, n in r["causes"]["by_cause"].items())
+        lines.append(f"lost by cause: {causes or 'nothing lost'}")
     return "\n".join(lines)
