@@ -83,9 +83,23 @@ def bridged(*impairments: str, backend: str = "auto", seed: int = 5) -> Iterator
     assert not thread.is_alive()
 
 
+def probe_clean(*impairments: str) -> dict[str, Any]:
+    """A probe report whose every loss the bridge explains.
+
+    On a loaded 2-core machine a stalled thread can overflow a socket buffer, losing frames
+    outside the bridge; such a run measures the machine, not tunnelscope, so it is run again
+    (once). The bridge's own decisions are seeded: the rerun takes the same ones.
+    """
+    for _ in range(2):
+        with bridged(*impairments) as path:
+            report = path.probe()
+        if report["bridge"]["loss_unexplained"] == 0:
+            return report
+    raise AssertionError(f"frames lost outside the bridge twice: {report['bridge']}")
+
+
 def test_packet_loss_is_within_the_reported_confidence_interval() -> None:
-    with bridged("a2b packet_loss 5") as path:
-        report = path.probe()
+    report = probe_clean("a2b packet_loss 5")
     low, high = report["loss_ci_percent"]
     assert report["sent"] == PROBES and report["send_errors"] == 0
     assert low < 5.0 < high
@@ -100,8 +114,7 @@ def test_burst_loss_bursts_are_geometric_with_mean_one_over_r() -> None:
     """Gilbert-Elliott with loss_bad 100 / loss_good 0: a burst is the stay in the bad state,
     geometric with P(length = k) = (1 - r)^(k - 1) r."""
     p, r = 0.02, 0.20
-    with bridged(f"a2b burst_loss {100 * p} {100 * r}") as path:
-        report = path.probe()
+    report = probe_clean(f"a2b burst_loss {100 * p} {100 * r}")
     bursts = {int(k): n for k, n in report["loss_bursts"].items()}
     count = sum(bursts.values())
     assert report["lost"] == report["bridge"]["dropped"]["burst_loss"]
