@@ -7,7 +7,8 @@ Each relay runs as a subprocess between `tunnelscope blast` and `tunnelscope sin
            physical limit every ratio is taken against)
   c        `tunnelscope bridge --backend c`;  python: `--backend python`
   ubridge  GNS3's relay, when one is on PATH
-Cases: 64, 512 and 1400-byte frames; one direction and both (a --peer process of this script
+Cases: 64, 512 and 1400-byte frames; the C backend with --gso (UDP GSO sends) at 64 and 1400
+bytes; one direction and both (a --peer process of this script
 on each side, sending and receiving); capture off and on; freq_drop 5; delay 10 ms; 1000 links
 idle and with traffic (an Engine with 1000 links in this script's --serve mode, fed by --peer).
 Figures, medians of --runs runs: delivered frames/s, loss, and the relay's CPU time per frame it
@@ -73,6 +74,7 @@ class Case:
     traffic: bool = True
     impairments: tuple[str, ...] = ()
     capture: bool = False
+    gso: bool = False  # `tunnelscope bridge --gso` (C backend: UDP_SEGMENT sends)
 
     @property
     def mode(self) -> str:
@@ -171,6 +173,8 @@ class Harness:
             command += ["-I", impairment]
         if case.capture:
             command += ["-w", str(self.workdir / "capture.pcap"), "--linktype", "ethernet"]
+        if case.gso:
+            command.append("--gso")
         return command, None
 
     def measure(self, case: Case) -> Sample:
@@ -417,6 +421,7 @@ def plan(quick: bool) -> list[Case]:
         cases += [Case("size", relay, size) for relay in relays]
     for size in (64,) if quick else (64, 1400):
         cases += [Case("size", relay, size, paced=False) for relay in ["direct", *relays]]
+    cases += [Case("C --gso", "c", size, gso=True) for size in (64, 1400)]
     cases += [Case("both directions", r, both=True) for r in ["minimal", *backends]]
     cases += [Case("capture on", r, capture=True) for r in backends]
     cases += [Case("freq_drop 5", r, impairments=("freq_drop 5",)) for r in backends]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -183,3 +184,41 @@ def test_tap_without_privilege_is_a_clear_error() -> None:
         check=False,
     )
     assert_one_line_error(done, "tap")
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+def test_a_running_bridge_streams_its_link_to_a_tcp_client(tmp_path) -> None:
+    pa, la, lb, pb = free_udp_ports(4)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [*TUNNELSCOPE, "bridge", f"udp:{la}:127.0.0.1:{pa}", f"udp:{lb}:127.0.0.1:{pb}"]
+    command += ["--linktype", "hdlc", "--stream", f"127.0.0.1:{port}", "--duration", "20"]
+    bridge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert bridge.stderr.readline().strip() == f"tunnelscope: stream on 127.0.0.1:{port}"
+        wait_until_bound(la, lb)
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b"CAPTURE link\n")
+        path = tmp_path / "stream.pcap"
+        ip = bytes.fromhex("450000140000000040000000") + socket.inet_aton("10.0.0.1")
+        ip += socket.inet_aton("10.0.0.2")
+        received = b""
+        with peer(pa, la) as sender, client:
+            deadline = time.monotonic() + 10
+            while received.count(bytes.fromhex("0f000800")) < 5 and time.monotonic() < deadline:
+                sender.send(bytes.fromhex("0f000800") + ip)
+                client.settimeout(0.2)
+                with contextlib.suppress(TimeoutError, socket.timeout):
+                    received += client.recv(65536)
+        path.write_bytes(received)
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        bridge.communicate(timeout=10)
+    fields = subprocess.run(
+        ["tshark", "-r", str(path), "-T", "fields", "-e", "chdlc.address", "-e", "ip.dst"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split("\n")
+    assert fields.count("0x0f\t10.0.0.2") >= 5

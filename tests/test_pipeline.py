@@ -256,7 +256,7 @@ def test_pre_capture_names_the_impairment_that_dropped_a_frame(tmp_path) -> None
     pre = writer.add_interface(1, "link pre")
     post = writer.add_interface(1, "link post")
     writer.announce()
-    link.capture = CaptureTap(writer, pre, post)
+    link.taps[0] = CaptureTap(writer, pre, post)
     push(link, a, A2B, numbered(6))
     push(link, b, B2A, numbered(2, 100))
     writer.sink.close()

@@ -3,7 +3,10 @@
 Records are kept in memory and written to the file descriptor either after every frame or
 when the oldest unwritten record is `flush_ms` old (the owner's event loop calls
 `flush_due`). A write error (disk full, reader gone) stops the capture, cuts the file back to
-its last whole record so it stays valid, and never stops the link.
+its last whole record so it stays valid, and never stops the link. A non-blocking reader that
+falls behind (EAGAIN) gets the rest later, up to STALL_BYTES buffered ("reader stalled").
+Ring buffers: a sink given file limits ends a file at a record boundary ("cut") and carries on
+buffering; its owner opens the next file and calls `rotate` between loop runs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from tunnelscope.linktype import LinkType
 from tunnelscope.packet import CaptureFormatError, Direction, Interface
 
 Reader = Union[pcap.PcapReader, pcapng.PcapngReader]
+STALL_BYTES = 4 << 20  # a non-blocking reader this far behind has stalled
+RETRY_S = 0.010  # a blocked (EAGAIN) sink is retried this often
+FLUSH_BYTES = 1 << 20
+_RING_KEYS = ("filesize", "duration", "files", "packets")
 
 
 class CaptureError(Exception):
@@ -77,6 +84,58 @@ class Format:
         return cls(pcapng=use_ng, **kwargs)  # type: ignore[arg-type]
 
 
+@dataclass
+class Ring:
+    """dumpcap's ring buffer (-b) and autostop (-a, -c) conditions; 0 means "no limit".
+
+    Sizes are in kB of 1000 bytes, as dumpcap counts them.
+    """
+
+    filesize_kb: int = 0
+    duration: float = 0
+    files: int = 0  # keep this many files, deleting the oldest
+    packets: int = 0
+    stop_frames: int = 0
+    stop_duration: float = 0
+    stop_filesize_kb: int = 0
+    stop_files: int = 0
+
+    @classmethod
+    def parse(cls, ring: tuple[str, ...], autostop: tuple[str, ...], count: int = 0) -> Ring:
+        """dumpcap's `-b KEY:VALUE` (filesize, duration, files, packets), `-a KEY:VALUE`
+        (duration, filesize, files, packets) and `-c N`. Raises ValueError."""
+        result = cls(stop_frames=count)
+        for options, prefix, flag in ((ring, "", "-b"), (autostop, "stop_", "-a")):
+            for option in options:
+                key, _, value = option.partition(":")
+                name = prefix + {"filesize": "filesize_kb", "packets": "packets"}.get(key, key)
+                if name == "stop_packets":
+                    name = "stop_frames"
+                kind = float if key == "duration" else int
+                if name not in cls.__dataclass_fields__ or key not in _RING_KEYS:
+                    raise ValueError(f"{flag} {option}: use {'|'.join(_RING_KEYS)}:VALUE")
+                try:
+                    number = kind(value)
+                except ValueError:
+                    number = -1
+                if number <= 0:
+                    raise ValueError(f"{flag} {option}: the value must be a number > 0")
+                setattr(result, name, number)
+        if result.stop_frames < 0:
+            raise ValueError("-c: the count must be > 0")
+        return result
+
+    @property
+    def splits(self) -> bool:
+        """Does the capture go to several files?"""
+        return bool(self.filesize_kb or self.duration or self.packets)
+
+    def limits(self) -> tuple[int, int, int]:
+        """A sink's (frames, bytes, total) limits."""
+        sizes = [kb * 1000 for kb in (self.filesize_kb, self.stop_filesize_kb) if kb]
+        return self.packets, min(sizes, default=0), self.stop_frames
+
+
 class RecordSink:
     """Buffers encoded records and writes them to a file descriptor with a flush policy.
 
@@ -92,60 +151,123 @@ class RecordSink:
         self.error: str | None = None
         self.frames = 0
         self.closed = False
+        self.blocked = False  # the last write met EAGAIN
         self._close_fd = close_fd
         self._header: bytes | None = None
         self._buffer = bytearray()
         self._oldest_unflushed: float | None = None
         self._offset = 0
         self._seekable = _is_regular(fd)
+        self._limits = (0, 0, 0)  # frames per file, bytes per file, frames in all (0: none)
+        self._file_frames = 0  # records in the open (last) file
+        self._written = 0  # bytes of the current file already written
+        self._cuts: list[int] = []  # offsets in the buffer where a finished file ends
 
     @property
     def header_pending(self) -> bool:
         return self._header is None
 
+    @property
+    def files_done(self) -> int:
+        """Full files waiting for `rotate`."""
+        return len(self._cuts)
+
     def pending(self) -> bytes:
         """Records buffered while the header is pending."""
         return bytes(self._buffer) if self._header is None else b""
+
+    def discard_pending(self) -> None:
+        if self._header is None and not self.closed:
+            self.frames -= min(self._file_frames, self.frames)
+            self._buffer.clear()
+            self._cuts.clear()
+            self._file_frames = 0
+            self._oldest_unflushed = None
 
     def set_header(self, header: bytes) -> None:
         """Write the header (or, later, more header blocks such as a new IDB) in stream order."""
         if self._header is None:
             self._header = header
             self._buffer[:0] = header
+            self._cuts = [cut + len(header) for cut in self._cuts]
             self.flush()
         else:
             self.append(header, 0)
+
+    def set_limits(self, frames: int = 0, bytes: int = 0, total: int = 0) -> None:
+        """Ring-buffer limits of each file and the autostop frame count (0: no limit)."""
+        self._limits = (frames, bytes, total)
+
+    def cut(self) -> None:
+        """End the current file here: the next record starts a new one."""
+        if not self.closed:
+            self._cuts.append(len(self._buffer))
+            self._file_frames = 0
+
+    def admit(self) -> bool:
+        """May one more record be taken? Ends a full file first. The loop calls it per record."""
+        frames, size, total = self._limits
+        if self.closed or (total and self.frames >= total):
+            return False
+        if (frames and self._file_frames >= frames) or (
+            size and self._file_frames and self._file_bytes() >= size
+        ):
+            self.cut()
+        self._file_frames += 1
+        self.frames += 1
+        return True
+
+    def _file_bytes(self) -> int:
+        if self._cuts:
+            return len(self._header or b"") + len(self._buffer) - self._cuts[-1]
+        return self._written + len(self._buffer)
+
+    def put(self, record: bytes) -> None:
+        """Buffer a record `admit` let in."""
+        self._buffer += record
 
     def append(self, records: bytes, count: int = 1) -> None:
         if self.closed:
             return
         self._buffer += records
         self.frames += count
+        self.appended()
+
+    def appended(self) -> None:
+        """After a batch: the flush policy."""
+        if self.closed:
+            return
         if self._oldest_unflushed is None:
             self._oldest_unflushed = time.monotonic()
-        if self.flush_ms is None or len(self._buffer) >= 1 << 20:
+        if (self.flush_ms is None and not self.blocked) or self._head() >= FLUSH_BYTES:
             self.flush()
+
+    def _head(self) -> int:
+        return self._cuts[0] if self._cuts else len(self._buffer)
 
     def flush_due(self, now: float) -> float | None:
         """Flush if the oldest record waited flush_ms; return when to call again (or None)."""
-        if self._oldest_unflushed is None or self.closed:
+        if self._oldest_unflushed is None or self.closed or not self._head():
             return None
-        deadline = self._oldest_unflushed + (self.flush_ms or 0) / 1000
+        delay = (self.flush_ms or 0) / 1000
+        deadline = self._oldest_unflushed + (max(delay, RETRY_S) if self.blocked else delay)
         if now >= deadline:
             self.flush()
             return None
         return deadline
 
     def flush(self) -> None:
-        if self.closed or self._header is None or not self._buffer:
+        head = self._head()
+        if self.closed or self._header is None or not head:
             return
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        self._oldest_unflushed = None
-        view = memoryview(data)
+        done = 0
+        self.blocked = False
         try:
-            while view:
-                view = view[os.write(self.fd, view) :]
+            with memoryview(self._buffer) as view:
+                while done < head:
+                    done += os.write(self.fd, view[done:head])
+        except BlockingIOError:
+            self.blocked = True
         except OSError as exc:
             if self._seekable:  # cut the half-written batch so the file ends on a record
                 with contextlib.suppress(OSError):
@@ -153,7 +275,34 @@ class RecordSink:
             self.error = f"capture stopped: {exc.strerror}"
             self._release()
             return
-        self._offset += len(data)
+        self._offset += done
+        self._written += done
+        del self._buffer[:done]
+        self._cuts = [cut - done for cut in self._cuts]
+        if self.blocked and len(self._buffer) > STALL_BYTES:
+            self.error = "reader stalled"
+            self._release()
+            return
+        self._oldest_unflushed = time.monotonic() if self._buffer else None
+
+    def rotate(self, fd: int, header: bytes) -> bool:
+        """Finish the oldest full file and go on in `fd`, which starts with `header`."""
+        if self.closed or self._header is None or not self._cuts:
+            return False
+        self.flush()
+        if self.closed or self.blocked:
+            return False
+        if self._close_fd:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.fd = fd
+        self._seekable = _is_regular(fd)
+        self._offset = self._written = 0
+        self._cuts.pop(0)
+        self._buffer[:0] = header
+        self._cuts = [cut + len(header) for cut in self._cuts]
+        self.appended()
+        return True
 
     def close(self) -> None:
         if not self.closed:
@@ -163,6 +312,7 @@ class RecordSink:
     def _release(self) -> None:
         self.closed = True
         self._buffer.clear()
+        self._cuts.clear()
         if self._close_fd:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -222,18 +372,24 @@ class CaptureWriter:
         """
         if self._unknown or self._announced == len(self.interfaces):
             return
-        fmt = self.format
-        new = self.interfaces[self._announced :]
-        if fmt.pcapng:
-            head = pcapng.section_header() if self._announced == 0 else b""
-            head += b"".join(
-                pcapng.interface_description(i.linktype, i.name, i.description, fmt.snaplen)
-                for i in new
-            )
-        else:
-            head = pcap.global_header(new[0].linktype, fmt.snaplen, fmt.nanosecond)
+        head = self._header_blocks(self._announced)
         self._announced = len(self.interfaces)
         self.sink.set_header(head)
+
+    def header(self) -> bytes:
+        """The whole header again, for the next file of a ring buffer."""
+        return self._header_blocks(0)
+
+    def _header_blocks(self, first: int) -> bytes:
+        fmt = self.format
+        new = self.interfaces[first:]
+        if not fmt.pcapng:
+            return pcap.global_header(new[0].linktype, fmt.snaplen, fmt.nanosecond)
+        head = pcapng.section_header() if first == 0 else b""
+        return head + b"".join(
+            pcapng.interface_description(i.linktype, i.name, i.description, fmt.snaplen)
+            for i in new
+        )
 
     def encode(
         self,
@@ -287,19 +443,27 @@ def _is_regular(fd: int) -> bool:
         return False
 
 
-def record_payloads(records: bytes, pcapng_records: bool) -> list[bytes]:
-    """Frame bytes of encoded records (a sink's pending buffer), for link-type detection."""
-    frames = []
+def split_records(records: bytes, pcapng_records: bool) -> list[tuple[bytes, bytes]]:
+    """(record, frame bytes) of encoded records (a sink's pending buffer); pcapng blocks other
+    than packets are skipped."""
+    out = []
     offset = 0
     while offset + 16 <= len(records):
         if pcapng_records:
             block_type, total = struct.unpack_from("<II", records, offset)
             if block_type == pcapng.EPB:
                 caplen = struct.unpack_from("<I", records, offset + 20)[0]
-                frames.append(records[offset + 28 : offset + 28 + caplen])
+                data = records[offset + 28 : offset + 28 + caplen]
+                out.append((records[offset : offset + total], data))
             offset += total
         else:
             caplen = struct.unpack_from("<I", records, offset + 8)[0]
-            frames.append(records[offset + 16 : offset + 16 + caplen])
-            offset += 16 + caplen
-    return frames
+            end = offset + 16 + caplen
+            out.append((records[offset:end], records[offset + 16 : end]))
+            offset = end
+    return out
+
+
+def record_payloads(records: bytes, pcapng_records: bool) -> list[bytes]:
+    """Frame bytes of encoded records (a sink's pending buffer), for link-type detection."""
+    return [data for _, data in split_records(records, pcapng_records)]

@@ -885,19 +885,7 @@ class ControlServer:
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closing = False
-        host, port = address
-        try:
-            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-            self.sock = socket.socket(info[0], socket.SOCK_STREAM)
-        except OSError as exc:
-            raise OSError(f"control address {host}:{port}: {exc.strerror or exc}") from None
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(info[4])
-            self.sock.listen(MAX_CONNECTIONS)
-        except OSError as exc:
-            self.sock.close()
-            raise OSError(f"control address {host}:{port}: {exc.strerror or exc}") from None
+        self.sock = listen_tcp(address, "control", MAX_CONNECTIONS)
         self.sock.settimeout(0.2)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
@@ -983,6 +971,24 @@ class ControlServer:
             for line in reply.lines():
                 self.log(f"-> {line}")
         client.sendall(reply.encode())
+
+
+def listen_tcp(address: tuple[str, int], what: str, backlog: int) -> socket.socket:
+    """A listening TCP socket (IPv4 or IPv6 as HOST says); OSError naming `what` on failure."""
+    host, port = address
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(f"{what} address {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"{what} address {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _too_long() -> Reply:

@@ -680,6 +680,11 @@ class Decap:
         self._pcapng_input = False
         self._endian = "<"
         self._out_nanosecond = False
+        self._live = False
+
+    def frames_written(self) -> int:
+        """Frames written so far (a live run stops after a count of them)."""
+        return self.scanner.counters()["written"] + self._counts["written"]
 
     @property
     def backend(self) -> str:
@@ -687,10 +692,14 @@ class Decap:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, stream: BinaryIO) -> Summary:
+    def run(self, stream: BinaryIO, live: bool = False) -> Summary:
         """Decap all of `stream`. Raises CaptureFormatError (bad input) or CaptureError (bad
         output); after a bad input record the output is still closed, valid, and holds every
-        frame before it."""
+        frame before it.
+
+        live: `stream` is a live source (`tunnelscope sniff`): each `readinto` returns what
+        has arrived (0 only at its end), and it is processed at once instead of in chunks."""
+        self._live = live
         tap = _HeaderTap(stream)
         reader = read_capture(tap)  # type: ignore[arg-type]
         self._pcapng_input = reader.format == "pcapng"
@@ -766,8 +775,13 @@ class Decap:
                     end, pos = end - pos, 0
                 if end == len(buf):  # a record larger than the buffer
                     buf.extend(bytes(len(buf)))
-                got = _fill(stream, buf, end)
-                eof = end + got < len(buf)
+                if self._live:
+                    with memoryview(buf) as view, view[end:] as part:
+                        got = stream.readinto(part)  # type: ignore[attr-defined]
+                    eof = not got
+                else:
+                    got = _fill(stream, buf, end)
+                    eof = end + got < len(buf)
                 end += got
                 total += got
                 if self.progress is not None:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tunnelscope import bpf
 from tunnelscope.capture import CaptureWriter
 from tunnelscope.impairments import Kind, Stage, splitmix64
 from tunnelscope.packet import Direction
@@ -64,8 +65,9 @@ class Frame:
 class StageState:
     """One impairment's run-time state: its generator and whatever it counts or queues."""
 
-    def __init__(self, stage: Stage, counter: list[int]) -> None:
+    def __init__(self, stage: Stage, counter: list[int], filter: bpf.Program | None) -> None:
         self.stage = stage
+        self.filter = filter  # a frame it rejects skips this stage (no draw, no count)
         self.rng = stage.seed
         self.counter = counter  # freq_drop: [count], possibly shared by both directions
         self.bad = False  # burst_loss: Gilbert-Elliott state
@@ -99,6 +101,8 @@ class Pipeline:
         for index in range(start, len(self.stages)):
             state = self.stages[index]
             stage = state.stage
+            if state.filter is not None and not bpf.run(state.filter, frame.data):
+                continue
             kind, params = stage.kind, stage.params
             dropped = False
             if kind is Kind.FREQ_DROP:
@@ -215,25 +219,35 @@ class Pipeline:
 
 @dataclass
 class CaptureTap:
-    """Where a link's frames are recorded: the capture and its pre/post interface ids."""
+    """Where a link's frames are recorded: the capture, its pre/post interface ids, a filter."""
 
     writer: CaptureWriter
     pre: int  # interface id, or -1 when that point is not captured
     post: int
+    filter: bpf.Program | None = None  # None: every frame
+
+    def admit(self, data: bytes) -> bool:
+        """Does this frame go into the capture? (the filter, then the sink's limits)"""
+        if self.filter is not None and not bpf.run(self.filter, data):
+            return False
+        return self.writer.sink.admit()
 
 
 class Link:
-    """Two endpoints, two pipelines, an optional capture: one bridged lab link."""
+    """Two endpoints, two pipelines, any number of captures: one bridged lab link."""
 
     def __init__(self, a: Endpoint, b: Endpoint) -> None:
         self.ends = (a, b)
         self.pipelines = (Pipeline(A2B), Pipeline(B2A))
         self.shared: dict[int, list[int]] = {}
-        self.capture: CaptureTap | None = None
+        self.taps: dict[int, CaptureTap] = {}  # by id, in the order they were added
+        self.next_tap = 0
 
-    def set_chain(self, direction: int, stages: list[Stage]) -> None:
+    def set_chain(
+        self, direction: int, stages: list[Stage], filters: list[bpf.Program | None] | None = None
+    ) -> None:
         states = []
-        for stage in stages:
+        for stage, program in zip(stages, filters or [None] * len(stages)):
             if stage.shared >= 0:
                 counter = self.shared[stage.shared] = [0]
                 other = self.pipelines[1 - direction].stages
@@ -242,28 +256,34 @@ class Link:
                         state.counter = counter
             else:
                 counter = [0]
-            states.append(StageState(stage, counter))
+            states.append(StageState(stage, counter, program))
         self.pipelines[direction].stages = states
 
-    def receive(self, direction: int, now: int) -> None:
-        """One receive batch: pre tap, chain, queue, release, post tap, send."""
+    def receive(self, direction: int, now: int | None = None) -> None:
+        """One receive batch: pre tap, chain, queue, release, post tap, send.
+
+        `now` (None: the monotonic clock, read once the batch is in, so that no frame leaves
+        before its delay) is the batch's arrival time.
+        """
         pipeline = self.pipelines[direction]
         frames = self.ends[direction].recv_batch(BATCH)
         if not frames:
             return
+        if now is None:
+            now = time.monotonic_ns()
         pipeline.counters.received += len(frames)
-        tap = self.capture if self.capture and self.capture.pre >= 0 else None
-        records = []
+        taps = [tap for tap in self.taps.values() if tap.pre >= 0]
         ts = time.time_ns()
+        flag = CAPTURE_DIRECTION[direction]
         for data in frames:
+            chosen = [tap for tap in taps if tap.admit(data)]
             causes: list[str] = []
             pipeline.enqueue(pipeline.run_chain(Frame(data, now), 0, causes))
-            if tap:
-                comment = "dropped by " + ", ".join(causes) if causes else None
-                flag = CAPTURE_DIRECTION[direction]
-                records.append(tap.writer.encode(tap.pre, ts, data, flag, comment))
-        if tap:
-            tap.writer.sink.append(b"".join(records), len(records))
+            comment = "dropped by " + ", ".join(causes) if causes else None
+            for tap in chosen:
+                tap.writer.sink.put(tap.writer.encode(tap.pre, ts, data, flag, comment))
+        for tap in taps:
+            tap.writer.sink.appended()
         self.transmit(direction, now)
 
     def transmit(self, direction: int, now: int) -> None:
@@ -271,12 +291,14 @@ class Link:
         out = pipeline.release(now)
         if not out:
             return
-        capture = self.capture
-        if capture and capture.post >= 0:
-            ts = time.time_ns()
-            flag = CAPTURE_DIRECTION[direction]
-            records = [capture.writer.encode(capture.post, ts, data, flag) for data in out]
-            capture.writer.sink.append(b"".join(records), len(records))
+        ts = time.time_ns()
+        flag = CAPTURE_DIRECTION[direction]
+        for tap in self.taps.values():
+            if tap.post >= 0:
+                for data in out:
+                    if tap.admit(data):
+                        tap.writer.sink.put(tap.writer.encode(tap.post, ts, data, flag))
+                tap.writer.sink.appended()
         sent, errors = self.ends[1 - direction].send_batch(out)
         pipeline.counters.forwarded += sent
         pipeline.counters.send_errors += errors
@@ -315,11 +337,35 @@ class Loop:
         for end in bridge.ends:
             self.selector.unregister(end.fileno())
 
-    def set_chain(self, bridge_id: int, direction: int, stages: list[Stage]) -> None:
-        self.bridges[bridge_id].set_chain(direction, stages)
+    def set_chain(
+        self,
+        bridge_id: int,
+        direction: int,
+        stages: list[Stage],
+        filters: list[bpf.Program | None] | None = None,
+    ) -> None:
+        """`filters`: per stage, a BPF program the frame must match to be impaired, or None."""
+        self.bridges[bridge_id].set_chain(direction, stages, filters)
 
-    def set_capture(self, bridge_id: int, capture: CaptureTap | None) -> None:
-        self.bridges[bridge_id].capture = capture
+    def add_capture(
+        self,
+        bridge_id: int,
+        writer: CaptureWriter,
+        pre_interface: int,
+        post_interface: int,
+        filter: bpf.Program | None = None,
+    ) -> int:
+        """The twin of `_fastpath.Loop.add_capture`: returns the capture's id on the bridge."""
+        link = self.bridges[bridge_id]
+        if any(tap.writer is writer for tap in link.taps.values()):
+            raise ValueError("this capture is on the bridge already")
+        tap_id = link.next_tap
+        link.next_tap += 1
+        link.taps[tap_id] = CaptureTap(writer, pre_interface, post_interface, filter)
+        return tap_id
+
+    def remove_capture(self, bridge_id: int, capture_id: int) -> None:
+        del self.bridges[bridge_id].taps[capture_id]
 
     def stats(self, bridge_id: int, direction: int) -> dict[str, int | dict[str, int]]:
         return self.bridges[bridge_id].stats(direction)
@@ -336,13 +382,19 @@ class Loop:
             self._timers(now)
             deadline = self._next_deadline(end)
             wait = None if deadline is None else max(0.0, (deadline - now) / 1e9)
-            for key, _ in self.selector.select(wait):
+            events = []
+            if wait != 0 and self._unflushed():
+                events = self.selector.select(0)
+                if not events:  # the busy period is over: records out now, not on the timer
+                    self._flush_all()
+            events = events or self.selector.select(wait)
+            for key, _ in events:
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                     return
                 link, direction = key.data
-                link.receive(direction, time.monotonic_ns())
+                link.receive(direction)  # stamped once its batch is in
             if end is not None and time.monotonic_ns() >= end:
                 self._timers(time.monotonic_ns())
                 return
@@ -353,8 +405,21 @@ class Loop:
             for direction in (A2B, B2A):
                 if bridge.pipelines[direction].queue or bridge.pipelines[direction].parked:
                     bridge.transmit(direction, now)
-            if bridge.capture:
-                bridge.capture.writer.sink.flush_due(wall)
+            for tap in bridge.taps.values():
+                tap.writer.sink.flush_due(wall)
+
+    def _sinks(self) -> list:
+        return [tap.writer.sink for bridge in self.bridges.values() for tap in bridge.taps.values()]
+
+    def _unflushed(self) -> bool:
+        """Do records wait for their flush timer? (flush_due writes those already due)"""
+        now = time.monotonic()
+        return any(sink.flush_due(now) is not None and not sink.blocked for sink in self._sinks())
+
+    def _flush_all(self) -> None:
+        for sink in self._sinks():
+            if not sink.blocked:
+                sink.flush()
 
     def _next_deadline(self, end: int | None) -> int | None:
         deadlines = [] if end is None else [end]
@@ -363,8 +428,8 @@ class Loop:
                 deadline = pipeline.next_deadline()
                 if deadline is not None:
                     deadlines.append(deadline)
-            if bridge.capture:
-                flush = bridge.capture.writer.sink.flush_due(time.monotonic())
+            for tap in bridge.taps.values():
+                flush = tap.writer.sink.flush_due(time.monotonic())
                 if flush is not None:
                     deadlines.append(int(flush * 1e9))  # same clock as monotonic_ns
         return min(deadlines) if deadlines else None

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import signal
+import subprocess
 import sys
 from typing import Any
 
 import click
 
-from tunnelscope.capture import CaptureError, Format
+from tunnelscope.capture import CaptureError, Format, Ring
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.engine import CAPTURE_POINTS, Engine, Link
-from tunnelscope.impairments import ImpairmentError, parse_impairment
+from tunnelscope.control import parse_address
+from tunnelscope.engine import CAPTURE_POINTS, Engine, Link, parse_conditional
+from tunnelscope.impairments import ImpairmentError
 from tunnelscope.linktype import LinkType
 from tunnelscope.nio import EndpointError
+from tunnelscope.stream import Instance, StreamServer, registered
 
 
 @click.command()
@@ -35,12 +41,36 @@ from tunnelscope.nio import EndpointError
 )
 @click.option("--pcapng", is_flag=True, help="Write pcapng whatever the file name says.")
 @click.option(
+    "-f", "--filter", "capture_filter", metavar="EXPR", help="Capture filter (tcpdump syntax)."
+)
+@click.option(
+    "-b",
+    "--ring-buffer",
+    "ring",
+    multiple=True,
+    metavar="KEY:VALUE",
+    help="Split the capture as dumpcap: filesize:KB, duration:S, files:N, packets:N.",
+)
+@click.option(
+    "-a",
+    "--autostop",
+    multiple=True,
+    metavar="KEY:VALUE",
+    help="Stop capturing (and bridging) on duration:S, filesize:KB, files:N, packets:N.",
+)
+@click.option("-c", "count", type=int, default=0, metavar="N", help="Stop after N frames.")
+@click.option(
+    "--wireshark", "viewer", flag_value="wireshark", help="Watch live in Wireshark (pcapng)."
+)
+@click.option("--tshark", "viewer", flag_value="tshark", help="Watch live with tshark.")
+@click.option(
     "-I",
     "--impair",
     "impairments",
     multiple=True,
     metavar='"[a2b|b2a|both] NAME ARGS"',
-    help="Add an impairment (repeatable), e.g. -I 'a2b freq_drop 3'.",
+    help="Add an impairment (repeatable), e.g. -I 'a2b freq_drop 3' or, only for the frames a "
+    "filter matches, -I 'a2b packet_loss 100 if icmp' (needs --linktype).",
 )
 @click.option("--seed", type=int, help="Seed of the random impairments (printed on exit).")
 @click.option(
@@ -60,6 +90,27 @@ from tunnelscope.nio import EndpointError
 @click.option(
     "--backend", type=click.Choice(["auto", "c", "python"]), default="auto", show_default=True
 )
+@click.option(
+    "--gso",
+    is_flag=True,
+    help="Send runs of equal-size UDP frames as one GSO (UDP_SEGMENT) send: up to a third less "
+    "CPU per frame. Receivers still get one datagram per frame, but a sniffer on lo (Wireshark, "
+    "tunnelscope sniff) sees merged super-packets. C backend only.",
+)
+@click.option(
+    "--stream",
+    metavar="HOST:PORT|off",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Serve live captures of this link over TCP (`tunnelscope stream`, the Wireshark"
+    " extcap, nc); any address other than loopback needs a token.",
+)
+@click.option(
+    "--stream-token",
+    metavar="TOKEN",
+    envvar="TUNNELSCOPE_STREAM_TOKEN",
+    help="The token stream clients must give (generated off loopback when not given).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on exit.")
 def bridge(
     a: str,
@@ -68,6 +119,11 @@ def bridge(
     linktype: str,
     capture_at: str,
     pcapng: bool,
+    capture_filter: str | None,
+    ring: tuple[str, ...],
+    autostop: tuple[str, ...],
+    count: int,
+    viewer: str | None,
     impairments: tuple[str, ...],
     seed: int | None,
     stats_every: float | None,
@@ -75,6 +131,9 @@ def bridge(
     name: str,
     flush_ms: float,
     backend: str,
+    gso: bool,
+    stream: str,
+    stream_token: str | None,
     as_json: bool,
 ) -> None:
     """Bridge endpoint A to endpoint B, impairing and capturing on the way.
@@ -82,6 +141,8 @@ def bridge(
     Endpoints are written as dynamips and ubridge spell them: udp:LPORT:RHOST:RPORT,
     unix:LOCAL:REMOTE, tap:IFNAME[@NETNS], eth:IFNAME. Directions: a2b is what A sends.
     Ctrl-C or SIGTERM stops cleanly: the capture is closed valid and a summary printed.
+    -w may name a FIFO: every reader that opens it gets its own stream from a fresh header.
+    Capture options follow dumpcap (-f, -b, -a, -c); see docs/live.md.
 
     \b
     Examples:
@@ -92,12 +153,22 @@ def bridge(
           -I "a2b freq_drop 3" -w link.pcapng --capture-at both
       # 10 ms +- 2 ms each way, 5 % loss towards B, watch it live in Wireshark
       tunnelscope bridge udp:10001:127.0.0.1:10000 udp:10002:127.0.0.1:10003 \\
-          -I "both delay 10 2" -I "a2b packet_loss 5" -w - | wireshark -k -i -
+          -I "both delay 10 2" -I "a2b packet_loss 5" --wireshark
+      # only ICMP, in files of 1000 frames, keeping the last 5
+      tunnelscope bridge udp:10001:127.0.0.1:10000 udp:10002:127.0.0.1:10003 \\
+          -f icmp -w icmp.pcapng -b packets:1000 -b files:5
     """
     try:
-        parsed = [parse_impairment(text) for text in impairments]
+        parsed = [parse_conditional(text) for text in impairments]
         chosen_linktype = None if linktype == "auto" else LinkType.parse(linktype)
-        engine = Engine(backend)
+        limits = Ring.parse(ring, autostop, count)
+        if viewer and path:
+            raise ValueError(f"--{viewer} and -w cannot be used together")
+        if viewer and not shutil.which(viewer):
+            raise ValueError(f"{viewer} is not installed (needed by --{viewer})")
+        if (ring or autostop or count) and not path:
+            raise ValueError("-b, -a and -c need a capture file (-w FILE)")
+        engine = Engine(backend, gso=gso)
     except (ImpairmentError, ValueError) as exc:
         raise Failure(str(exc)) from None
     try:
@@ -105,28 +176,44 @@ def bridge(
     except (EndpointError, ValueError) as exc:
         engine.close()
         raise Failure(str(exc)) from None
+    process = None
     try:
-        link.set_impairments(parsed)
+        link.linktype = chosen_linktype
+        link.set_impairments([i for i, _ in parsed], [condition for _, condition in parsed])
         if path:
             fmt = Format.for_path(path, pcapng_default=pcapng, flush_ms=flush_ms)
             fmt.pcapng = fmt.pcapng or pcapng
-            link.start_capture(path, chosen_linktype, capture_at, fmt)
-    except CaptureError as exc:
+            link.start_capture(path, chosen_linktype, capture_at, fmt, capture_filter, limits)
+        elif viewer:
+            process = _start_viewer(viewer, name)
+            fd = os.dup(process.stdin.fileno())  # type: ignore[union-attr]
+            process.stdin.close()  # type: ignore[union-attr]
+            os.set_blocking(fd, False)
+            fmt = Format(pcapng=True, flush_ms=flush_ms)
+            link.attach_fd(fd, fmt, capture_at, capture_filter, chosen_linktype)
+    except (CaptureError, ImpairmentError) as exc:
         engine.close()
         raise Failure(str(exc)) from None
+    engine.stop_on_autostop = True
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: engine.stop())
     report = sys.stderr if path == "-" else sys.stdout
-    engine.run(
-        duration=duration,
-        every=stats_every,
-        on_tick=lambda: click.echo(_status_line(link), file=sys.stderr),
-        on_news=lambda news: click.echo(f"tunnelscope: warning: {news}", err=True),
-    )
+    with contextlib.ExitStack() as exits:
+        streams = _serve_streams(engine, stream, stream_token, exits)
+        engine.run(
+            duration=duration,
+            every=stats_every,
+            on_tick=lambda: click.echo(_status_line(link), file=sys.stderr),
+            on_news=lambda news: click.echo(f"tunnelscope: warning: {news}", err=True),
+        )
+        if streams:
+            streams.close()  # before the link's captures close
     summary = _summary(engine, link)
-    capture = link.stop_capture()
+    capture = link.stop_capture() or link.finished
     engine.close()
+    if process:
+        process.wait()
     if capture:
         summary["capture"] = {"path": capture.path, "frames": capture.writer.sink.frames}
         if capture.error:
@@ -137,13 +224,46 @@ def bridge(
         click.echo(_summary_text(summary), file=report)
 
 
+def _start_viewer(viewer: str, name: str) -> subprocess.Popen:
+    """wireshark or tshark reading the live stream on its standard input."""
+    if viewer == "wireshark":
+        command = ["wireshark", "-k", "-i", "-", "-o", f"gui.window_title:{name}"]
+    else:
+        command = ["tshark", "-l", "-i", "-"]
+    return subprocess.Popen(command, stdin=subprocess.PIPE)
+
+
+def _serve_streams(
+    engine: Engine, where: str, token: str | None, exits: contextlib.ExitStack
+) -> StreamServer | None:
+    """Live captures over TCP, announced to the Wireshark extcap; a failure only warns."""
+    if where == "off":
+        return None
+    try:
+        streams = StreamServer(engine, parse_address(where), token).start()
+        exits.enter_context(
+            registered(Instance(os.getpid(), "bridge", streams.where, None, streams.token))
+        )
+    except (OSError, ValueError) as exc:
+        click.echo(f"tunnelscope: warning: no live stream on {where}: {exc}", err=True)
+        return None
+    if where != "127.0.0.1:0":
+        click.echo(f"tunnelscope: stream on {streams.where}", err=True)
+        if streams.token and not token:
+            click.echo(f"tunnelscope: stream token {streams.token}", err=True)
+    return streams
+
+
 def _summary(engine: Engine, link: Link) -> dict[str, Any]:
     return {
         "link": link.name,
         "backend": engine.backend,
         "seed": link.seed,
         "linktype": link.linktype.short_name if link.linktype else None,
-        "impairments": [str(i) for i in link.impairments],
+        "impairments": [
+            f"{i} if {condition}" if condition else str(i)
+            for i, condition in zip(link.impairments, link.conditions)
+        ],
         **{k: v for k, v in link.stats().items() if k in ("a2b", "b2a")},
     }
 

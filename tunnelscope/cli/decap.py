@@ -18,7 +18,7 @@ from tunnelscope.linktype import LinkType
 from tunnelscope.packet import CaptureFormatError
 
 if TYPE_CHECKING:
-    from tunnelscope.decap import Summary
+    from tunnelscope.decap import Options, Summary
 
 
 def parse_ports(text: str) -> frozenset[int]:
@@ -34,6 +34,24 @@ def parse_ports(text: str) -> frozenset[int]:
             raise ValueError(f"{item!r}: ports run from 1 to 65535, low to high")
         ports.update(range(low, high + 1))
     return frozenset(ports)
+
+
+def decap_options(ports: str | None, linktype: str | None, dedupe: bool) -> Options:
+    """decap's --ports, --linktype and --dedupe (shared with sniff), checked."""
+    from tunnelscope.decap import Options
+
+    options = Options(dedupe=dedupe)
+    try:
+        options.ports = parse_ports(ports) if ports is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ports") from None
+    try:
+        options.linktype = LinkType.parse(linktype) if linktype is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--linktype") from None
+    if options.linktype is not None and not options.linktype.is_tunnel_payload:
+        raise click.BadParameter("use ethernet, hdlc, ppp or fr", param_hint="--linktype")
+    return options
 
 
 @contextlib.contextmanager
@@ -133,17 +151,7 @@ def decap(
         raise click.UsageError("give either -w OUT or --split DIR")
     if as_json and output == "-":
         raise click.UsageError("--json prints on stdout, which -w - already uses")
-    options = decapping.Options(dedupe=dedupe)
-    try:
-        options.ports = parse_ports(ports) if ports is not None else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--ports") from None
-    try:
-        options.linktype = LinkType.parse(linktype) if linktype is not None else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--linktype") from None
-    if options.linktype is not None and not options.linktype.is_tunnel_payload:
-        raise click.BadParameter("use ethernet, hdlc, ppp or fr", param_hint="--linktype")
+    options = decap_options(ports, linktype, dedupe)
     name = "standard input" if source == "-" else source
     try:
         with _progress(source) as progress:

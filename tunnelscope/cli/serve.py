@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -21,7 +23,9 @@ from tunnelscope.control import (
 )
 from tunnelscope.engine import Engine
 from tunnelscope.lab import Lab, LabError, load_lab
+from tunnelscope.linktype import LinkType
 from tunnelscope.nio import EndpointError
+from tunnelscope.stream import Instance, StreamServer, registered
 
 
 @click.command()
@@ -37,6 +41,20 @@ from tunnelscope.nio import EndpointError
     help="Where the control protocol listens (loopback unless HOST says otherwise; port 0:"
     " any free port, printed).",
 )
+@click.option(
+    "--stream",
+    metavar="HOST:PORT",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Where live captures are served over TCP (`tunnelscope stream`, the Wireshark extcap,"
+    " nc, curl); any other address than loopback requires a token. 'off': none.",
+)
+@click.option(
+    "--stream-token",
+    metavar="TOKEN",
+    envvar="TUNNELSCOPE_STREAM_TOKEN",
+    help="The token stream clients must give (default off loopback: generated, printed).",
+)
 @click.option("--captures", metavar="DIR", help="Capture directory (default: the lab's).")
 @click.option("--seed", type=int, help="Seed of the random impairments (link N gets SEED+N).")
 @click.option(
@@ -48,6 +66,8 @@ def serve(
     dry_run: bool,
     as_json: bool,
     control: str,
+    stream: str,
+    stream_token: str | None,
     captures: str | None,
     seed: int | None,
     backend: str,
@@ -73,6 +93,7 @@ def serve(
     try:
         lab = load_lab(lab_file, captures)
         address = parse_address(control)
+        stream_address = None if stream == "off" else parse_address(stream)
     except (LabError, ValueError) as exc:
         raise Failure(str(exc)) from None
     if dry_run:
@@ -93,15 +114,40 @@ def serve(
         switchboard.close()
         engine.close()
         raise Failure(str(exc)) from None
+    exits = contextlib.ExitStack()
+    streams = None
+    if stream_address is not None:
+        try:
+            streams = StreamServer(
+                engine, stream_address, stream_token, _encapsulations(switchboard)
+            )
+        except OSError as exc:
+            switchboard.close()
+            engine.close()
+            raise Failure(str(exc)) from None
+        exits.callback(streams.close)
+        streams.start()
 
     def ready(bound: tuple[str, int]) -> None:
         _print_plan(lab, False)
         where = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         click.echo(f"captures in {lab.captures}")
         click.echo(f"control on {where}  (export {CONTROL_ENV}={where})")
+        if streams is not None:
+            token = f"  (token {streams.token})" if streams.token else ""
+            click.echo(f"stream on {streams.where}{token}")
         warning = exposure_warning(bound)
         if warning:
             click.echo(f"tunnelscope: warning: {warning}", err=True)
+        instance = Instance(
+            os.getpid(),
+            "serve",
+            streams.where if streams else None,
+            where,
+            streams and streams.token,
+        )
+        with contextlib.suppress(OSError):  # no registry: only the extcap misses this instance
+            exits.enter_context(registered(instance))
         sys.stdout.flush()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -117,9 +163,20 @@ def serve(
     except OSError as exc:
         raise Failure(str(exc)) from None
     finally:
+        exits.close()  # stream clients and the registration first, while the engine exists
         engine.close()  # closes every link still open, and its capture
     for note in notes:
         click.echo(note)
+
+
+def _encapsulations(switchboard: Switchboard) -> Callable[[str], LinkType | None]:
+    """A link's configured encapsulation (a stream client's default link type)."""
+
+    def lookup(name: str) -> LinkType | None:
+        bridge = switchboard.bridges.get(name)
+        return bridge.encapsulation if bridge else None
+
+    return lookup
 
 
 def _print_plan(lab: Lab, as_json: bool) -> None:

@@ -55,6 +55,10 @@
 #define SIGNAL_CHECK_NS 200000000LL   /* longest wait between two looks at Python signals */
 #define FLUSH_BYTES (1u << 20)        /* a capture buffer this large is written at once */
 #define CAPTURE_KEEP_BYTES (1u << 18) /* capacity a capture buffer keeps after a flush */
+#define STALL_BYTES (4u << 20)        /* a non-blocking reader this far behind has stalled */
+#define RETRY_NS 10000000LL           /* a blocked (EAGAIN) capture is retried this often */
+#define MAX_CUTS 4096                 /* finished ring-buffer files waiting for rotate() */
+#define BPF_MAX_INSNS 4096            /* a classic BPF program's longest length */
 #define FREE_FRAMES_KEPT 4096         /* frame descriptors the pool keeps between passes */
 #define MAX_EVENTS 64
 #define RECV_FRAMES_MAX 1024          /* recv_frames() reads at most this many at once */
@@ -256,6 +260,158 @@ static bool frame_own(frame_t *f)
     return true;
 }
 
+/* Classic BPF (tunnelscope/bpf.py is the reference): a program checked by bpf_check runs
+ * forward only, every load bounds-checked; a load past the frame's end rejects the frame. */
+typedef struct {
+    uint16_t code;
+    uint8_t jt, jf;
+    uint32_t k;
+} bpf_insn_t;
+
+enum {
+    BPF_LD = 0x00, BPF_LDX = 0x01, BPF_ST = 0x02, BPF_STX = 0x03,
+    BPF_ALU = 0x04, BPF_JMP = 0x05, BPF_RET = 0x06, BPF_MISC = 0x07,
+    BPF_W = 0x00, BPF_H = 0x08, BPF_B = 0x10,
+    BPF_IMM = 0x00, BPF_ABS = 0x20, BPF_IND = 0x40, BPF_MEM = 0x60, BPF_LEN = 0x80, BPF_MSH = 0xa0,
+    BPF_ADD = 0x00, BPF_SUB = 0x10, BPF_MUL = 0x20, BPF_DIV = 0x30, BPF_OR = 0x40,
+    BPF_AND = 0x50, BPF_LSH = 0x60, BPF_RSH = 0x70, BPF_NEG = 0x80, BPF_MOD = 0x90,
+    BPF_XOR = 0xa0,
+    BPF_JA = 0x00, BPF_JEQ = 0x10, BPF_JGT = 0x20, BPF_JGE = 0x30, BPF_JSET = 0x40,
+    BPF_K = 0x00, BPF_X = 0x08, BPF_A = 0x10,
+    BPF_TAX = 0x00, BPF_TXA = 0x80,
+    BPF_MEMWORDS = 16,
+};
+
+/* NULL when the program may run, else why not. */
+static const char *bpf_check(const bpf_insn_t *prog, size_t n)
+{
+    if (n == 0 || n > BPF_MAX_INSNS)
+        return "empty or too long";
+    for (size_t pc = 0; pc < n; pc++) {
+        const bpf_insn_t *i = &prog[pc];
+        unsigned cls = i->code & 0x07, mode = i->code & 0xe0, op = i->code & 0xf0;
+        size_t left = n - pc - 1;
+        switch (cls) {
+        case BPF_LD:
+        case BPF_LDX:
+            if ((mode == BPF_MEM && i->k >= BPF_MEMWORDS) ||
+                (cls == BPF_LDX && mode != BPF_IMM && mode != BPF_MEM && mode != BPF_LEN &&
+                 !(mode == BPF_MSH && (i->code & 0x18) == BPF_B)) ||
+                (cls == BPF_LD && mode == BPF_MSH))
+                return "bad load";
+            break;
+        case BPF_ST:
+        case BPF_STX:
+            if (i->k >= BPF_MEMWORDS)
+                return "bad store";
+            break;
+        case BPF_ALU:
+            if (op > BPF_XOR)
+                return "bad ALU op";
+            if ((op == BPF_DIV || op == BPF_MOD) && (i->code & BPF_X) == 0 && i->k == 0)
+                return "division by zero";
+            break;
+        case BPF_JMP:
+            if (op == BPF_JA ? i->k >= left : (op > BPF_JSET || i->jt >= left || i->jf >= left))
+                return "jump out of the program";
+            break;
+        case BPF_RET:
+            break;
+        case BPF_MISC:
+            if (i->code != (BPF_MISC | BPF_TAX) && i->code != (BPF_MISC | BPF_TXA))
+                return "bad misc op";
+            break;
+        }
+    }
+    return (prog[n - 1].code & 0x07) == BPF_RET ? NULL : "does not end with a return";
+}
+
+static inline bool bpf_load(const uint8_t *p, uint32_t len, uint32_t at, unsigned size,
+                            uint32_t *out)
+{
+    if (at >= len || len - at < size)
+        return false;
+    *out = size == 4 ? (uint32_t)p[at] << 24 | (uint32_t)p[at + 1] << 16 |
+                           (uint32_t)p[at + 2] << 8 | p[at + 3]
+           : size == 2 ? (uint32_t)p[at] << 8 | p[at + 1]
+                       : p[at];
+    return true;
+}
+
+/* Run a checked program on one frame: the number of bytes to keep, 0 = rejected. */
+static uint32_t bpf_run(const bpf_insn_t *prog, const uint8_t *p, uint32_t len)
+{
+    uint32_t A = 0, X = 0, mem[BPF_MEMWORDS] = {0};
+    for (size_t pc = 0;; pc++) {
+        const bpf_insn_t *i = &prog[pc];
+        unsigned cls = i->code & 0x07, mode = i->code & 0xe0, op = i->code & 0xf0;
+        unsigned size = (i->code & 0x18) == BPF_B ? 1 : (i->code & 0x18) == BPF_H ? 2 : 4;
+        uint32_t v = (i->code & BPF_X) ? X : i->k;
+        switch (cls) {
+        case BPF_LD:
+        case BPF_LDX: {
+            uint32_t value;
+            if (mode == BPF_IMM)
+                value = i->k;
+            else if (mode == BPF_LEN)
+                value = len;
+            else if (mode == BPF_MEM)
+                value = mem[i->k];
+            else if (cls == BPF_LDX) { /* MSH: 4 * the low nibble of a byte (an IP header) */
+                if (!bpf_load(p, len, i->k, 1, &value))
+                    return 0;
+                value = (value & 0x0f) * 4;
+            } else if ((mode == BPF_IND && X + i->k < X) ||
+                       !bpf_load(p, len, mode == BPF_IND ? X + i->k : i->k, size, &value))
+                return 0;
+            if (cls == BPF_LD)
+                A = value;
+            else
+                X = value;
+            break;
+        }
+        case BPF_ST:
+            mem[i->k] = A;
+            break;
+        case BPF_STX:
+            mem[i->k] = X;
+            break;
+        case BPF_ALU:
+            switch (op) {
+            case BPF_ADD: A += v; break;
+            case BPF_SUB: A -= v; break;
+            case BPF_MUL: A *= v; break;
+            case BPF_DIV: if (v == 0) return 0; A /= v; break;
+            case BPF_MOD: if (v == 0) return 0; A %= v; break;
+            case BPF_OR: A |= v; break;
+            case BPF_AND: A &= v; break;
+            case BPF_LSH: A = v < 32 ? A << v : 0; break;
+            case BPF_RSH: A = v < 32 ? A >> v : 0; break;
+            case BPF_NEG: A = 0u - A; break;
+            default: A ^= v; break;
+            }
+            break;
+        case BPF_JMP:
+            if (op == BPF_JA) {
+                pc += i->k;
+                break;
+            }
+            bool taken = op == BPF_JEQ ? A == v : op == BPF_JGT ? A > v
+                       : op == BPF_JGE ? A >= v : (A & v) != 0;
+            pc += taken ? i->jt : i->jf;
+            break;
+        case BPF_RET:
+            return (i->code & 0x18) == BPF_A ? A : (i->code & 0x18) == BPF_X ? X : i->k;
+        default: /* BPF_MISC */
+            if (i->code == (BPF_MISC | BPF_TAX))
+                X = A;
+            else
+                A = X;
+            break;
+        }
+    }
+}
+
 /* ==== 5. impairments and the output queue ================================================= */
 
 typedef struct shared_counter {
@@ -275,6 +431,7 @@ typedef struct {
     int64_t tat;     /* rate: theoretical arrival time */
     int64_t *dep;    /* rate: ring of departures of frames still queued */
     size_t dep_head, dep_len, dep_cap;
+    bpf_insn_t *filter; /* NULL: every frame; else a frame it rejects skips this stage */
 } stage_t;
 
 typedef struct {
@@ -304,8 +461,10 @@ typedef struct direction {
 
 static void stages_free(stage_t *stages, int n)
 {
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         free(stages[i].dep);
+        free(stages[i].filter);
+    }
     free(stages);
 }
 
@@ -466,7 +625,16 @@ typedef struct {
     int64_t oldest; /* monotonic ns of the oldest unwritten record, -1: none */
     off_t offset;   /* file offset after the last successful write */
     bool failed;
+    bool blocked;   /* the last write met EAGAIN: retried on the timer */
     char error[200];
+    /* ring buffer: a file is full once it holds limit_frames records or limit_bytes bytes;
+     * the next record then starts a new segment of buf, written by rotate() to the next file */
+    uint64_t limit_frames, limit_bytes, max_frames; /* 0: no limit */
+    uint64_t file_frames; /* records in the open (last) segment */
+    uint64_t written;     /* bytes of the current file already written */
+    size_t header_len;    /* bytes of the first header, repeated by each new file */
+    size_t cuts[MAX_CUTS]; /* offsets in buf where a finished file ends */
+    size_t ncuts;
 } CaptureObject;
 
 static void cap_release(CaptureObject *c)
@@ -491,16 +659,35 @@ static void cap_fail(CaptureObject *c, int err)
     cap_release(c);
 }
 
-/* Write everything buffered. The caller holds c->lock. */
+/* Bytes of the current file still in buf: up to the first cut. */
+static size_t cap_head(const CaptureObject *c) { return c->ncuts ? c->cuts[0] : c->len; }
+
+/* Drop the first n bytes of buf (written), moving the cuts along. */
+static void cap_consume(CaptureObject *c, size_t n)
+{
+    memmove(c->buf, c->buf + n, c->len - n);
+    c->len -= n;
+    for (size_t i = 0; i < c->ncuts; i++)
+        c->cuts[i] -= n;
+}
+
+/* Write the current file's buffered bytes. A non-blocking reader that is not keeping up
+ * (EAGAIN) keeps the rest buffered, up to STALL_BYTES. The caller holds c->lock. */
 static void cap_flush(CaptureObject *c)
 {
-    if (c->closed || !c->has_header || c->len == 0)
+    size_t head = cap_head(c);
+    if (c->closed || !c->has_header || head == 0)
         return;
     size_t done = 0;
-    while (done < c->len) {
-        ssize_t n = write(c->fd, c->buf + done, c->len - done);
+    c->blocked = false;
+    while (done < head) {
+        ssize_t n = write(c->fd, c->buf + done, head - done);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->blocked = true;
+            break;
+        }
         if (n <= 0) {
             int err = n < 0 ? errno : EIO;
             if (c->seekable) /* cut the half-written batch so the file ends on a record */
@@ -510,9 +697,20 @@ static void cap_flush(CaptureObject *c)
         }
         done += (size_t)n;
     }
-    c->offset += (off_t)c->len;
-    c->len = 0;
-    c->oldest = -1;
+    c->offset += (off_t)done;
+    c->written += done;
+    cap_consume(c, done);
+    if (c->blocked) {
+        if (c->len > STALL_BYTES) {
+            snprintf(c->error, sizeof c->error, "reader stalled");
+            c->failed = true;
+            cap_release(c);
+        } else {
+            c->oldest = mono_ns();
+        }
+        return;
+    }
+    c->oldest = c->len ? mono_ns() : -1;
     if (c->cap > 2 * CAPTURE_KEEP_BYTES) { /* a burst grew it: give the memory back */
         uint8_t *buf = realloc(c->buf, CAPTURE_KEEP_BYTES);
         if (buf) {
@@ -550,6 +748,19 @@ static bool cap_put(CaptureObject *c, const void *data, size_t len)
     return true;
 }
 
+/* Put a header before everything buffered (the cuts move along). */
+static bool cap_prepend(CaptureObject *c, const void *header, size_t n)
+{
+    if (!cap_reserve(c, n))
+        return false;
+    memmove(c->buf + n, c->buf, c->len);
+    memcpy(c->buf, header, n);
+    c->len += n;
+    for (size_t i = 0; i < c->ncuts; i++)
+        c->cuts[i] += n;
+    return true;
+}
+
 /* Records counted and buffered: the flush policy of RecordSink.append. */
 static void cap_appended(CaptureObject *c, uint64_t count, int64_t now)
 {
@@ -558,16 +769,48 @@ static void cap_appended(CaptureObject *c, uint64_t count, int64_t now)
     c->frames += count;
     if (c->oldest < 0)
         c->oldest = now;
-    if (c->flush_ns < 0 || c->len >= FLUSH_BYTES)
+    if ((c->flush_ns < 0 && !c->blocked) || cap_head(c) >= FLUSH_BYTES)
         cap_flush(c);
+}
+
+/* Bytes the open segment's file will hold (its header included). */
+static uint64_t cap_file_bytes(const CaptureObject *c)
+{
+    if (c->ncuts)
+        return c->header_len + (c->len - c->cuts[c->ncuts - 1]);
+    return c->written + c->len;
+}
+
+/* End the open file here: the next record starts a new one. */
+static void cap_cut(CaptureObject *c)
+{
+    if (c->ncuts == MAX_CUTS) { /* nobody rotates: keep writing into the last file */
+        return;
+    }
+    c->cuts[c->ncuts++] = c->len;
+    c->file_frames = 0;
+}
+
+/* May one more record be taken? Ends a full file first (ring buffer). */
+static bool cap_admit(CaptureObject *c)
+{
+    if (c->closed || (c->max_frames && c->frames >= c->max_frames))
+        return false;
+    if ((c->limit_frames && c->file_frames >= c->limit_frames) ||
+        (c->limit_bytes && c->file_frames && cap_file_bytes(c) >= c->limit_bytes))
+        cap_cut(c);
+    c->file_frames++;
+    c->frames++;
+    return true;
 }
 
 /* When the timer must flush this capture next; INT64_MAX: never. Caller holds c->lock. */
 static int64_t cap_deadline(const CaptureObject *c)
 {
-    if (c->closed || !c->has_header || c->oldest < 0)
+    if (c->closed || !c->has_header || c->oldest < 0 || cap_head(c) == 0)
         return INT64_MAX;
-    return c->oldest + (c->flush_ns > 0 ? c->flush_ns : 0);
+    int64_t delay = c->flush_ns > 0 ? c->flush_ns : 0;
+    return c->oldest + (c->blocked && delay < RETRY_NS ? RETRY_NS : delay);
 }
 
 /* Start a record (pcap: the whole record; pcapng: the EPB up to its options). Returns its
@@ -576,6 +819,8 @@ static size_t cap_begin(CaptureObject *c, uint32_t iface, int64_t ts, const uint
                         uint32_t len)
 {
     uint32_t caplen = len < c->snaplen ? len : c->snaplen;
+    if (!cap_admit(c))
+        return SIZE_MAX;
     size_t off = c->len;
     if (c->pcapng) {
         size_t body = caplen + pad4(caplen);
@@ -830,13 +1075,25 @@ static void send_batch(endpoint_t *ep, frame_t **frames, size_t n, txbuf_t *tx, 
 
 /* ==== 8. the loop ========================================================================= */
 
+/* One capture of a bridge: where its records go, at which points, which frames. */
+typedef struct {
+    uint64_t id;
+    CaptureObject *capture; /* strong reference (through L->caps) */
+    int32_t pre, post;      /* interface ids, -1 when that point is not captured */
+    bpf_insn_t *filter;     /* NULL: every frame */
+    size_t nfilter;
+    bool live;  /* scratch: taking records in this batch (its lock is held) */
+    size_t off; /* scratch: the offset of the record being written */
+} tap_t;
+
 typedef struct bridge {
     uint64_t id;
     endpoint_t ends[2];
     dir_t dirs[2];
     shared_counter_t *shared; /* freq_drop counters shared by both directions */
-    CaptureObject *capture;   /* strong reference, or NULL */
-    int32_t pre, post;        /* interface ids, -1 when that point is not captured */
+    tap_t *taps;
+    size_t ntaps;
+    uint64_t next_tap; /* ids count from 0 and are never reused */
 } bridge_t;
 
 typedef struct {
@@ -937,6 +1194,8 @@ static void run_chain(LoopObject *L, dir_t *d, frame_t *f, int start)
     for (int index = start; index < d->nstages; index++) {
         stage_t *s = &d->stages[index];
         bool dropped = false, no_memory = false;
+        if (s->filter && !bpf_run(s->filter, f->data, f->len))
+            continue; /* not for this stage: no draw, no count */
         switch (s->kind) {
         case S_FREQ_DROP: {
             int64_t n = s->p[0];
@@ -1109,6 +1368,11 @@ static void release(LoopObject *L, dir_t *d, int64_t now)
 
 static inline uint32_t capture_flag(const dir_t *d) { return d->index == 0 ? 2 : 1; }
 
+static inline bool tap_match(const tap_t *tap, const uint8_t *data, uint32_t len)
+{
+    return !tap->filter || bpf_run(tap->filter, data, len) != 0;
+}
+
 /* Release what is due, record it at the post point, send it (pipeline.Link.transmit). */
 static void transmit(LoopObject *L, bridge_t *b, dir_t *d, int64_t now)
 {
@@ -1117,17 +1381,20 @@ static void transmit(LoopObject *L, bridge_t *b, dir_t *d, int64_t now)
     size_t n = L->out.n;
     if (n) {
         frame_t **out = (frame_t **)L->out.a;
-        CaptureObject *c = b->post >= 0 ? b->capture : NULL;
-        if (c) {
+        int64_t ts = b->ntaps ? real_ns() : 0;
+        for (size_t t = 0; t < b->ntaps; t++) {
+            tap_t *tap = &b->taps[t];
+            CaptureObject *c = tap->capture;
+            if (tap->post < 0)
+                continue;
             pthread_mutex_lock(&c->lock);
-            if (!c->closed) {
-                int64_t ts = real_ns();
-                for (size_t i = 0; i < n && !c->closed; i++) {
-                    size_t off = cap_begin(c, (uint32_t)b->post, ts, out[i]->data, out[i]->len);
-                    cap_end(c, off, capture_flag(d), d, NULL, 0);
-                }
-                cap_appended(c, n, now);
+            for (size_t i = 0; i < n && !c->closed; i++) {
+                if (!tap_match(tap, out[i]->data, out[i]->len))
+                    continue;
+                size_t off = cap_begin(c, (uint32_t)tap->post, ts, out[i]->data, out[i]->len);
+                cap_end(c, off, capture_flag(d), d, NULL, 0);
             }
+            cap_appended(c, 0, now);
             pthread_mutex_unlock(&c->lock);
         }
         send_batch(&b->ends[1 - d->index], out, n, &L->tx, L->gso, &d->forwarded,
@@ -1243,20 +1510,24 @@ static void own_borrowed(LoopObject *L)
 static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t now)
 {
     d->received += n;
-    CaptureObject *c = b->pre >= 0 ? b->capture : NULL;
-    int64_t ts = 0;
-    if (c) {
-        pthread_mutex_lock(&c->lock);
-        if (c->closed) {
-            pthread_mutex_unlock(&c->lock);
-            c = NULL;
-        } else {
-            ts = real_ns();
+    bool capturing = false;
+    for (size_t t = 0; t < b->ntaps; t++) { /* lock order: the taps' order */
+        tap_t *tap = &b->taps[t];
+        tap->live = tap->pre >= 0;
+        if (tap->live) {
+            pthread_mutex_lock(&tap->capture->lock);
+            capturing = true;
         }
     }
+    int64_t ts = capturing ? real_ns() : 0;
     for (size_t i = 0; i < n; i++) {
         rxframe_t *rx = &L->rx[i];
-        size_t off = c ? cap_begin(c, (uint32_t)b->pre, ts, rx->data, rx->len) : SIZE_MAX;
+        for (size_t t = 0; t < b->ntaps; t++) {
+            tap_t *tap = &b->taps[t];
+            tap->off = tap->live && tap_match(tap, rx->data, rx->len)
+                           ? cap_begin(tap->capture, (uint32_t)tap->pre, ts, rx->data, rx->len)
+                           : SIZE_MAX;
+        }
         L->survivors.n = 0;
         L->ncauses = 0;
         frame_t *f = frame_new(&L->pool);
@@ -1268,8 +1539,11 @@ static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t
         } else {
             drop_no_memory(L, d, NULL);
         }
-        if (c)
-            cap_end(c, off, capture_flag(d), d, L->causes, L->ncauses);
+        for (size_t t = 0; t < b->ntaps; t++) {
+            tap_t *tap = &b->taps[t];
+            if (tap->live)
+                cap_end(tap->capture, tap->off, capture_flag(d), d, L->causes, L->ncauses);
+        }
         for (size_t j = 0; j < L->survivors.n; j++) {
             frame_t *s = L->survivors.a[j];
             s->seq = d->seq++;
@@ -1279,9 +1553,12 @@ static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t
                 drop_no_memory(L, d, s); /* back in the pool: `borrowed` skips it */
         }
     }
-    if (c) {
-        cap_appended(c, n, now);
-        pthread_mutex_unlock(&c->lock);
+    for (size_t t = 0; t < b->ntaps; t++) {
+        tap_t *tap = &b->taps[t];
+        if (tap->live) {
+            cap_appended(tap->capture, 0, now);
+            pthread_mutex_unlock(&tap->capture->lock);
+        }
     }
     transmit(L, b, d, now);
     own_borrowed(L);
@@ -1302,12 +1579,11 @@ static void handle_event(LoopObject *L, uint64_t tag, uint32_t events)
     dir_t *d = &b->dirs[side];
     if (!ep->registered)
         return;
-    int64_t now = mono_ns();
     int n = ep->kind == KIND_DGRAM ? recv_dgram(L, ep) : recv_fd(L, ep, events);
     if (n < 0)
         deregister(L, ep); /* the fd is broken for good: stop reading it, keep the bridge */
-    else if (n > 0)
-        link_receive(L, b, d, (size_t)n, now);
+    else if (n > 0) /* the arrival time: read once the batch is in, so no frame leaves early */
+        link_receive(L, b, d, (size_t)n, mono_ns());
 }
 
 /* Timers: due frames of every direction with a queue, due capture flushes. */
@@ -1323,6 +1599,33 @@ static void run_timers(LoopObject *L, int64_t now)
         CaptureObject *c = L->caps[i].capture;
         pthread_mutex_lock(&c->lock);
         if (now >= cap_deadline(c))
+            cap_flush(c);
+        pthread_mutex_unlock(&c->lock);
+    }
+}
+
+/* The earliest capture flush deadline; INT64_MAX when no capture holds unwritten records. */
+static int64_t next_flush(LoopObject *L)
+{
+    int64_t next = INT64_MAX;
+    for (size_t i = 0; i < L->ncaps; i++) {
+        CaptureObject *c = L->caps[i].capture;
+        pthread_mutex_lock(&c->lock);
+        int64_t deadline = c->blocked ? INT64_MAX : cap_deadline(c);
+        pthread_mutex_unlock(&c->lock);
+        if (deadline < next)
+            next = deadline;
+    }
+    return next;
+}
+
+/* The loop is going idle: write every capture's records now (the timer is the upper bound). */
+static void flush_all(LoopObject *L)
+{
+    for (size_t i = 0; i < L->ncaps; i++) {
+        CaptureObject *c = L->caps[i].capture;
+        pthread_mutex_lock(&c->lock);
+        if (!c->blocked)
             cap_flush(c);
         pthread_mutex_unlock(&c->lock);
     }
@@ -1428,6 +1731,9 @@ static void bridge_free(bridge_t *b)
         next = s->next;
         free(s);
     }
+    for (size_t t = 0; t < b->ntaps; t++)
+        free(b->taps[t].filter);
+    free(b->taps);
     free(b);
 }
 
@@ -1510,11 +1816,8 @@ static PyObject *Capture_set_header(CaptureObject *c, PyObject *arg)
     if (c->closed) {
         c->has_header = true;
     } else if (!c->has_header) { /* the header goes before the records kept so far */
-        size_t n = (size_t)header.len;
-        if (cap_reserve(c, n)) {
-            memmove(c->buf + n, c->buf, c->len);
-            memcpy(c->buf, header.buf, n);
-            c->len += n;
+        if (cap_prepend(c, header.buf, (size_t)header.len)) {
+            c->header_len = (size_t)header.len;
             c->has_header = true;
             cap_flush(c);
         }
@@ -1603,6 +1906,81 @@ static PyObject *Capture_close(CaptureObject *c, PyObject *Py_UNUSED(unused))
     Py_RETURN_NONE;
 }
 
+static PyObject *Capture_set_limits(CaptureObject *c, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"frames", "bytes", "total", NULL};
+    unsigned long long frames = 0, bytes = 0, total = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|KKK:set_limits", kwlist, &frames, &bytes,
+                                     &total))
+        return NULL;
+    lock_with_gil(&c->lock);
+    c->limit_frames = frames;
+    c->limit_bytes = bytes;
+    c->max_frames = total;
+    pthread_mutex_unlock(&c->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Capture_cut(CaptureObject *c, PyObject *Py_UNUSED(unused))
+{
+    lock_with_gil(&c->lock);
+    if (!c->closed)
+        cap_cut(c);
+    pthread_mutex_unlock(&c->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Capture_rotate(CaptureObject *c, PyObject *args)
+{
+    int fd;
+    Py_buffer header;
+    if (!PyArg_ParseTuple(args, "iy*:rotate", &fd, &header))
+        return NULL;
+    bool rotated = false;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&c->lock);
+    if (!c->closed && c->has_header && c->ncuts) {
+        cap_flush(c);
+        if (!c->closed && !c->blocked) { /* the old file is complete: on to the next */
+            if (c->close_fd)
+                close(c->fd);
+            c->fd = fd;
+            struct stat st;
+            c->seekable = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+            c->offset = 0;
+            c->written = 0;
+            memmove(c->cuts, c->cuts + 1, --c->ncuts * sizeof *c->cuts);
+            if (cap_prepend(c, header.buf, (size_t)header.len))
+                cap_appended(c, 0, mono_ns());
+            rotated = true;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&header);
+    return PyBool_FromLong(rotated);
+}
+
+static PyObject *Capture_discard_pending(CaptureObject *c, PyObject *Py_UNUSED(unused))
+{
+    lock_with_gil(&c->lock);
+    if (!c->has_header && !c->closed) {
+        c->frames -= c->file_frames < c->frames ? c->file_frames : c->frames;
+        c->len = c->ncuts = c->file_frames = 0;
+        c->oldest = -1;
+    }
+    pthread_mutex_unlock(&c->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Capture_get_files_done(CaptureObject *c, void *Py_UNUSED(closure))
+{
+    lock_with_gil(&c->lock);
+    size_t n = c->ncuts;
+    pthread_mutex_unlock(&c->lock);
+    return PyLong_FromSize_t(n);
+}
+
 static PyObject *Capture_get_error(CaptureObject *c, void *Py_UNUSED(closure))
 {
     lock_with_gil(&c->lock);
@@ -1661,6 +2039,13 @@ static PyMethodDef Capture_methods[] = {
     {"append", (PyCFunction)(void (*)(void))Capture_append, METH_VARARGS | METH_KEYWORDS,
      "append(records, count=1): buffer encoded records, flushed by the policy."},
     {"flush", (PyCFunction)Capture_flush, METH_NOARGS, "Write everything buffered now."},
+    {"set_limits", (PyCFunction)(void (*)(void))Capture_set_limits, METH_VARARGS | METH_KEYWORDS,
+     "set_limits(frames=0, bytes=0, total=0): ring-buffer file limits, autostop (0: none)."},
+    {"cut", (PyCFunction)Capture_cut, METH_NOARGS, "End the current file at the next record."},
+    {"rotate", (PyCFunction)Capture_rotate, METH_VARARGS,
+     "rotate(fd, header) -> bool: finish the oldest full file, go on in fd with header."},
+    {"discard_pending", (PyCFunction)Capture_discard_pending, METH_NOARGS,
+     "Forget the records kept while the header is pending."},
     {"flush_due", (PyCFunction)Capture_flush_due, METH_O,
      "flush_due(now: time.monotonic()) -> next deadline or None, flushing when due."},
     {"close", (PyCFunction)Capture_close, METH_NOARGS, "Flush and stop (closes fd if close_fd)."},
@@ -1670,6 +2055,8 @@ static PyMethodDef Capture_methods[] = {
 static PyGetSetDef Capture_getset[] = {
     {"error", (getter)Capture_get_error, NULL, "why the capture stopped, or None", NULL},
     {"frames", (getter)Capture_get_frames, NULL, "records appended", NULL},
+    {"files_done", (getter)Capture_get_files_done, NULL, "full files waiting for rotate()",
+     NULL},
     {"closed", (getter)Capture_get_closed, NULL, "stopped (closed or failed)", NULL},
     {"header_pending", (getter)Capture_get_header_pending, NULL, "no header set yet", NULL},
     {"fd", (getter)Capture_get_fd, NULL, "the file descriptor (-1 once closed by us)", NULL},
@@ -1841,7 +2228,6 @@ static PyObject *Loop_add_bridge(LoopObject *L, PyObject *args, PyObject *kwds)
     bridge_t *b = calloc(1, sizeof *b);
     if (!b)
         return PyErr_NoMemory();
-    b->pre = b->post = -1;
     for (int side = 0; side < 2; side++) {
         if (!endpoint_init(&b->ends[side], fds[side], kinds[side], peers[side])) {
             free(b);
@@ -1896,21 +2282,21 @@ static PyObject *Loop_remove_bridge(LoopObject *L, PyObject *arg)
     }
     lock_with_gil(&L->lock);
     bridge_t *b = find_bridge(L, id);
-    CaptureObject *drop = NULL;
     if (b) {
         for (int side = 0; side < 2; side++) {
             deregister(L, &b->ends[side]);
             deactivate(L, &b->dirs[side]);
         }
-        if (b->capture)
-            drop = capref_remove(L, b->capture);
+        for (size_t t = 0; t < b->ntaps; t++) /* keep the references to drop */
+            b->taps[t].capture = capref_remove(L, b->taps[t].capture);
         L->bridges[id] = NULL;
     }
     pthread_mutex_unlock(&L->lock);
     if (!b)
         return unknown_bridge(id);
+    for (size_t t = 0; t < b->ntaps; t++)
+        Py_XDECREF(b->taps[t].capture);
     bridge_free(b); /* its queued frames are discarded: the bridge is gone */
-    Py_XDECREF(drop);
     Py_RETURN_NONE;
 }
 
@@ -1934,12 +2320,50 @@ static void chain_clear(chain_t *ch)
     memset(ch, 0, sizeof *ch);
 }
 
+/* A filter from Python: a list of (code, jt, jf, k) tuples, checked. NULL with an exception. */
+static bpf_insn_t *parse_filter(PyObject *obj, size_t *n)
+{
+    PyObject *seq = PySequence_Fast(obj, "filter must be a list of (code, jt, jf, k) tuples");
+    if (!seq)
+        return NULL;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    bpf_insn_t *prog = len > 0 && len <= BPF_MAX_INSNS ? calloc((size_t)len, sizeof *prog) : NULL;
+    if (!prog) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "filter: empty or too long");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned int code, jt, jf, k;
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyArg_ParseTuple(item, "IIII;filter instructions are (code, jt, jf, k)", &code,
+                              &jt, &jf, &k) ||
+            code > UINT16_MAX || jt > UINT8_MAX || jf > UINT8_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "filter instruction out of range");
+            free(prog);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        prog[i] = (bpf_insn_t){(uint16_t)code, (uint8_t)jt, (uint8_t)jf, k};
+    }
+    Py_DECREF(seq);
+    const char *why = bpf_check(prog, (size_t)len);
+    if (why) {
+        PyErr_Format(PyExc_ValueError, "filter rejected: %s", why);
+        free(prog);
+        return NULL;
+    }
+    *n = (size_t)len;
+    return prog;
+}
+
 static bool parse_stage(PyObject *item, stage_t *s, char **name, int64_t *shared)
 {
     PyObject *kind_o, *name_o, *params_o, *seed_o, *shared_o;
-    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 5 || PyTuple_GET_SIZE(item) > 6) {
         PyErr_SetString(PyExc_TypeError,
-                        "a stage is a tuple (kind, name, params, seed, shared)");
+                        "a stage is a tuple (kind, name, params, seed, shared[, filter])");
         return false;
     }
     kind_o = PyTuple_GET_ITEM(item, 0);
@@ -2007,6 +2431,10 @@ static bool parse_stage(PyObject *item, stage_t *s, char **name, int64_t *shared
         return false;
     }
     s->kind = (int)kind;
+    PyObject *filter_o = PyTuple_GET_SIZE(item) == 6 ? PyTuple_GET_ITEM(item, 5) : Py_None;
+    size_t nfilter = 0;
+    if (filter_o != Py_None && !(s->filter = parse_filter(filter_o, &nfilter)))
+        return false;
     if (!(*name = strdup(text))) {
         PyErr_NoMemory();
         return false;
@@ -2103,41 +2531,81 @@ static PyObject *Loop_set_chain(LoopObject *L, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *Loop_set_capture(LoopObject *L, PyObject *args)
+static PyObject *Loop_add_capture(LoopObject *L, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"bridge", "capture", "pre_interface", "post_interface", "filter",
+                             NULL};
     unsigned long long id;
-    PyObject *obj;
+    PyObject *obj, *filter_obj = Py_None;
     int pre, post;
-    if (!PyArg_ParseTuple(args, "KOii:set_capture", &id, &obj, &pre, &post))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KO!ii|O:add_capture", kwlist, &id,
+                                     &CaptureType, &obj, &pre, &post, &filter_obj))
         return NULL;
-    if (obj != Py_None && !PyObject_TypeCheck(obj, &CaptureType)) {
-        PyErr_SetString(PyExc_TypeError, "capture must be a _fastpath.Capture or None");
+    tap_t tap = {.capture = (CaptureObject *)obj, .pre = pre < 0 ? -1 : pre,
+                 .post = post < 0 ? -1 : post};
+    if (filter_obj != Py_None && !(tap.filter = parse_filter(filter_obj, &tap.nfilter)))
         return NULL;
-    }
-    CaptureObject *c = obj == Py_None ? NULL : (CaptureObject *)obj;
-    if (!c)
-        pre = post = -1;
     lock_with_gil(&L->lock);
     bridge_t *b = find_bridge(L, id);
-    CaptureObject *drop = NULL;
-    bool ok = true;
-    if (b) {
-        if (c)
-            capref_add(L, c, &ok);
+    const char *refused = NULL;
+    bool ok = b != NULL;
+    for (size_t t = 0; b && t < b->ntaps; t++)
+        if (b->taps[t].capture == tap.capture)
+            refused = "this capture is on the bridge already";
+    if (b && !refused) {
+        tap_t *taps = realloc(b->taps, (b->ntaps + 1) * sizeof *taps);
+        if (taps)
+            b->taps = taps;
+        ok = taps != NULL;
+        if (ok)
+            capref_add(L, tap.capture, &ok);
         if (ok) {
-            if (b->capture)
-                drop = capref_remove(L, b->capture);
-            b->capture = c;
-            b->pre = pre < 0 ? -1 : pre;
-            b->post = post < 0 ? -1 : post;
+            tap.id = b->next_tap++;
+            b->taps[b->ntaps++] = tap;
         }
     }
     pthread_mutex_unlock(&L->lock);
-    Py_XDECREF(drop);
+    if (!b || refused || !ok)
+        free(tap.filter);
     if (!b)
         return unknown_bridge(id);
+    if (refused) {
+        PyErr_SetString(PyExc_ValueError, refused);
+        return NULL;
+    }
     if (!ok)
         return PyErr_NoMemory();
+    return PyLong_FromUnsignedLongLong(tap.id);
+}
+
+static PyObject *Loop_remove_capture(LoopObject *L, PyObject *args)
+{
+    unsigned long long id, tap_id;
+    if (!PyArg_ParseTuple(args, "KK:remove_capture", &id, &tap_id))
+        return NULL;
+    lock_with_gil(&L->lock);
+    bridge_t *b = find_bridge(L, id);
+    tap_t gone = {.capture = NULL};
+    bool found = false;
+    for (size_t t = 0; b && t < b->ntaps; t++) {
+        if (b->taps[t].id == tap_id) {
+            gone = b->taps[t];
+            memmove(&b->taps[t], &b->taps[t + 1], (b->ntaps - t - 1) * sizeof gone);
+            b->ntaps--;
+            gone.capture = capref_remove(L, gone.capture);
+            found = true;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&L->lock);
+    if (!b)
+        return unknown_bridge(id);
+    if (!found) {
+        PyErr_Format(PyExc_KeyError, "no capture %llu on bridge %llu", tap_id, id);
+        return NULL;
+    }
+    free(gone.filter);
+    Py_XDECREF(gone.capture);
     Py_RETURN_NONE;
 }
 
@@ -2197,6 +2665,7 @@ static PyObject *Loop_run(LoopObject *L, PyObject *arg)
         int64_t now = mono_ns();
         run_timers(L, now);
         int64_t next = next_deadline(L);
+        bool unflushed = next_flush(L) != INT64_MAX;
         pool_trim(&L->pool, FREE_FRAMES_KEPT);
         pthread_mutex_unlock(&L->lock);
         if (end < next)
@@ -2207,7 +2676,17 @@ static PyObject *Loop_run(LoopObject *L, PyObject *arg)
             wait = 0;
         if (wait > SIGNAL_CHECK_NS)
             wait = SIGNAL_CHECK_NS;
-        int n = wait_events(L, wait);
+        int n = 0;
+        if (unflushed && wait > 0) { /* records wait: flush them if this busy period is over */
+            n = wait_events(L, 0);
+            if (n == 0) {
+                pthread_mutex_lock(&L->lock);
+                flush_all(L);
+                pthread_mutex_unlock(&L->lock);
+            }
+        }
+        if (n == 0)
+            n = wait_events(L, wait);
         if (n < 0) {
             if (errno == EINTR) { /* a signal: let Python run its handler, the caller loops */
                 status = RUN_SIGNAL;
@@ -2357,8 +2836,10 @@ static PyMethodDef Loop_methods[] = {
      "remove_bridge(bridge): stop serving it; its queued frames are discarded"},
     {"set_chain", (PyCFunction)Loop_set_chain, METH_VARARGS,
      "set_chain(bridge, direction, stages): replace that direction's impairment chain"},
-    {"set_capture", (PyCFunction)Loop_set_capture, METH_VARARGS,
-     "set_capture(bridge, capture | None, pre_interface, post_interface) (-1: not captured)"},
+    {"add_capture", (PyCFunction)(void (*)(void))Loop_add_capture, METH_VARARGS | METH_KEYWORDS,
+     "add_capture(bridge, capture, pre_interface, post_interface, filter=None) -> capture id"},
+    {"remove_capture", (PyCFunction)Loop_remove_capture, METH_VARARGS,
+     "remove_capture(bridge, capture_id): the capture stops getting this bridge's frames"},
     {"run", (PyCFunction)Loop_run, METH_O,
      "run(timeout_ms): pump until the timeout (-1: none), wake(), or a signal"},
     {"wake", (PyCFunction)Loop_wake, METH_NOARGS,
