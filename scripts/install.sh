@@ -36,4 +36,4 @@ if [ "${TUNNELSCOPE_SKIP_GNS3:-0}" != 1 ] && [ ! -x .venv-gns3/bin/gns3server ];
     .venv-gns3/bin/python -m pip install -q gns3-server==2.2.61 2>&1 | grep -v -i "warning" || true
 fi
 .venv/bin/python -c "import tunnelscope"
-.venv/bin/tunnelscope info | head -2
+.venv/bin/tunnelscope info | sed -n 1,2p  # sed reads it all: no broken pipe

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KIND_DGRAM = 0  # a datagram socket (UDP, Unix, AF_PACKET): one frame per datagram, recvmmsg-able
@@ -74,6 +75,19 @@ class Endpoint:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec}>"
 
+    def _send_each(self, frames: list[bytes], send: Callable[[bytes], object]) -> tuple[int, int]:
+        """Send frame by frame with `send`, counting failures; (sent, errors)."""
+        sent = 0
+        for index, frame in enumerate(frames):
+            try:
+                send(frame)
+            except OSError as exc:
+                if self._send_error(exc, len(frames) - index):
+                    break
+            else:
+                sent += 1
+        return sent, len(frames) - sent
+
     def _send_error(self, exc: OSError, remaining: int) -> bool:
         """Count a failed send; True when the rest of the batch should be given up."""
         if exc.errno == errno.EBADF:  # closed endpoint: a bug in the caller, not link weather
@@ -120,16 +134,7 @@ class SocketEndpoint(Endpoint):
         return frames
 
     def send_batch(self, frames: list[bytes]) -> tuple[int, int]:
-        sent = 0
-        for index, frame in enumerate(frames):
-            try:
-                self.sock.send(frame)
-            except OSError as exc:
-                if self._send_error(exc, len(frames) - index):
-                    break
-            else:
-                sent += 1
-        return sent, len(frames) - sent
+        return self._send_each(frames, self.sock.send)
 
     def close(self) -> None:
         self.sock.close()

@@ -109,16 +109,7 @@ class TapEndpoint(Endpoint):
         return frames
 
     def send_batch(self, frames: list[bytes]) -> tuple[int, int]:
-        sent = 0
-        for index, frame in enumerate(frames):
-            try:
-                os.write(self.fd, frame)
-            except OSError as exc:
-                if self._send_error(exc, len(frames) - index):
-                    break
-            else:
-                sent += 1
-        return sent, len(frames) - sent
+        return self._send_each(frames, lambda frame: os.write(self.fd, frame))
 
     def close(self) -> None:
         if self.fd >= 0:
