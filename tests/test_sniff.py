@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 from tunnelscope.capture import open_capture
 from tunnelscope.engine import Engine
 from tunnelscope.linktype import LinkType
+from tunnelscope.sniff import PacketSource
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,6 +63,7 @@ def test_sniff_on_lo_reproduces_the_bridge_capture(tmp_path: Path) -> None:
         thread.join(5)
         engine.close()
     assert sniffer.returncode == 0, err
+    assert "kernel dropped" not in err  # else the comparison below is meaningless
     summary = json.loads(out)
     assert [lk["linktype"] for lk in summary["links"]] == ["ethernet"]
     # the sniffed link's lower port end is "outbound"; the bridge's A (VPCS 1) sends a2b
@@ -84,3 +87,17 @@ def test_sniff_bad_input_is_one_line() -> None:
         )
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
+
+
+@peers.needs_root
+def test_packets_the_kernel_dropped_are_counted() -> None:
+    """A socket buffer that overflows loses packets; sniff must know how many (tcpdump does)."""
+    source = PacketSource("lo")
+    source.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # about 2 packets
+    port, other = peers.free_udp_ports(2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.bind(("127.0.0.1", other))
+        for _ in range(200):  # nobody reads the packet socket meanwhile
+            sender.sendto(bytes(100), ("127.0.0.1", port))
+    source.close()
+    assert source.kernel_drops >= 150

@@ -12,6 +12,7 @@ PACKET_IGNORE_OUTGOING keeps one copy, as libpcap does. Timestamps are the kerne
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -25,6 +26,7 @@ from tunnelscope.linktype import LinkType
 
 ETH_P_ALL = 0x0003
 SOL_PACKET, PACKET_IGNORE_OUTGOING = 263, 23  # linux/socket.h, linux/if_packet.h (Linux 4.20)
+PACKET_STATISTICS = 6  # struct tpacket_stats {u32 tp_packets, tp_drops}, reset by each read
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 SNAPLEN = 262144
@@ -48,6 +50,7 @@ class PacketSource:
         self.deadline = deadline
         self.until: Callable[[], bool] | None = None  # another reason to stop (a frame count)
         self.packets = 0
+        self.kernel_drops = 0  # packets the socket buffer had no room for (tcpdump's "dropped")
         self._stopped = threading.Event()
         self.sock, linktype = _open(interface)
         self._pending = bytearray(pcap.global_header(linktype, SNAPLEN, nanosecond=True))
@@ -57,7 +60,13 @@ class PacketSource:
         self._stopped.set()
 
     def close(self) -> None:
+        self._count_kernel_drops()
         self.sock.close()
+
+    def _count_kernel_drops(self) -> None:
+        with contextlib.suppress(OSError):
+            stats = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+            self.kernel_drops += struct.unpack("II", stats)[1]
 
     def read(self, size: int) -> bytes:
         """Only for the capture header (read_capture reads it this way)."""

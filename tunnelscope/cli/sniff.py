@@ -64,4 +64,10 @@ def sniff(
         summary = Sniffer(source, output, split_dir, options, count).run()
     except CaptureError as exc:
         raise Failure(str(exc)) from None
+    if source.kernel_drops:
+        click.echo(
+            f"tunnelscope: warning: the kernel dropped {source.kernel_drops} packets before sniff"
+            " read them (its socket buffer was full): the capture misses frames",
+            err=True,
+        )
     _report(summary, as_json)
