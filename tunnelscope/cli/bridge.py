@@ -13,9 +13,9 @@ from typing import Any
 import click
 
 from tunnelscope.capture import CaptureError, Format, Ring
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import Failure, capture_at_option, echo_json
 from tunnelscope.control import parse_address
-from tunnelscope.engine import CAPTURE_POINTS, Engine, Link, parse_conditional
+from tunnelscope.engine import Engine, Link, parse_conditional
 from tunnelscope.impairments import ImpairmentError
 from tunnelscope.linktype import LinkType
 from tunnelscope.nio import EndpointError
@@ -32,13 +32,7 @@ from tunnelscope.stream import Instance, StreamServer, registered
     show_default=True,
     help="auto (detected from the first frames), ethernet, hdlc, ppp or fr.",
 )
-@click.option(
-    "--capture-at",
-    type=click.Choice(CAPTURE_POINTS),
-    default="pre",
-    show_default=True,
-    help="Before the impairments, after them, or both (pcapng).",
-)
+@capture_at_option("capture_at")
 @click.option("--pcapng", is_flag=True, help="Write pcapng whatever the file name says.")
 @click.option(
     "-f", "--filter", "capture_filter", metavar="EXPR", help="Capture filter (tcpdump syntax)."

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def capture_at_option(name: str) -> Callable[[F], F]:
+    """`--capture-at pre|post|both`, the same on every command that captures a link."""
+    from tunnelscope.engine import CAPTURE_POINTS  # the engine is heavy: only when used
+
+    return click.option(
+        "--capture-at",
+        name,
+        type=click.Choice(CAPTURE_POINTS),
+        default="pre",
+        show_default=True,
+        help="Before the impairments, after them, or both (pcapng).",
+    )
 
 
 class Failure(click.ClickException):

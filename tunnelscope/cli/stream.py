@@ -10,8 +10,7 @@ import sys
 
 import click
 
-from tunnelscope.cli.common import Failure
-from tunnelscope.engine import CAPTURE_POINTS
+from tunnelscope.cli.common import Failure, capture_at_option
 from tunnelscope.stream import Request, StreamError, connect, copy_stream, tunnel_linktype
 
 
@@ -22,14 +21,7 @@ from tunnelscope.stream import Request, StreamError, connect, copy_stream, tunne
     "-w", "--write", "path", metavar="FILE", help="Write the capture to FILE (- = stdout)."
 )
 @click.option("--wireshark", is_flag=True, help="Pipe the capture into `wireshark -k -i -`.")
-@click.option(
-    "--capture-at",
-    "points",
-    type=click.Choice(CAPTURE_POINTS),
-    default="pre",
-    show_default=True,
-    help="Before the impairments, after them, or both (pcapng).",
-)
+@capture_at_option("points")
 @click.option("--pcapng", is_flag=True, help="Ask for pcapng (one interface per point).")
 @click.option("--linktype", default="auto", show_default=True, help="auto, eth, hdlc, ppp or fr.")
 @click.option("--filter", "capture_filter", metavar="EXPR", help="Capture filter for this client.")
