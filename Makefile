@@ -13,11 +13,11 @@
 #               keeps memory until exit by design). Any sanitizer report aborts the run and
 #               fails the target.
 #
-# Variables: PYTHON (default python3), CC (default gcc), ASAN_TESTS (test files to run),
+# Variables: PYTHON (default .venv/bin/python when it exists, else python3), CC (default gcc), ASAN_TESTS (test files to run),
 # ASAN_PYTEST_ARGS (default: skip the bridge tests' pure-Python backend, which runs no C and
 # is too slow under the preloaded ASan allocator for its 20,000-frame bursts).
 
-PYTHON ?= python3
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 CC ?= gcc
 ASAN_TESTS ?= tests/test_fastpath.py $(wildcard tests/test_bridge*.py)
 ASAN_PYTEST_ARGS ?= -k "not python"

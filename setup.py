@@ -16,10 +16,10 @@ if sys.platform.startswith("linux"):
     )
     ext_modules.append(
         Extension(
-            "tunnelscope._scan",
-            sources=["tunnelscope/_scan.c"],
+            "tunnelscope.analysis._scan",
+            sources=["tunnelscope/analysis/_scan.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
-            optional=True,  # no compiler -> decap uses tunnelscope.decap.PyScanner
+            optional=True,  # no compiler -> decap uses tunnelscope.analysis.decap.PyScanner
         )
     )
 

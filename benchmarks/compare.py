@@ -34,8 +34,8 @@ HEAD = bytes.fromhex("0200000000020200000000010800")  # Ethernet, IPv4
 
 _MEASURE = """
 import json, sys, time
-from tunnelscope.capture import open_capture
-from tunnelscope.compare import Selection, compare
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.analysis.compare import Selection, compare
 
 def peak_rss_mb():  # VmHWM: this program's peak alone (ru_maxrss counts the forking parent's)
     with open("/proc/self/status") as status:
@@ -98,8 +98,8 @@ def b_order(frames: int) -> list[int]:
 def write(directory: str, frames: int, rate: int) -> tuple[str, str, str]:
     """Write a.pcap, b.pcap and prepost.pcapng; return their paths."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from tunnelscope import pcap, pcapng
-    from tunnelscope.packet import Direction
+    from tunnelscope.formats import pcap, pcapng
+    from tunnelscope.formats.packet import Direction
 
     spacing = 10**9 // rate
     a_path, b_path = os.path.join(directory, "a.pcap"), os.path.join(directory, "b.pcap")

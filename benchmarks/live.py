@@ -35,8 +35,8 @@ from typing import BinaryIO, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relay import cpu_seconds, tunnelscope  # noqa: E402
 
+from tunnelscope.analysis.traffic import wait_until_bound  # noqa: E402
 from tunnelscope.demo import free_udp_ports  # noqa: E402
-from tunnelscope.traffic import wait_until_bound  # noqa: E402
 
 HOST = "127.0.0.1"
 HEADER = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x88\xb5"  # local experimental

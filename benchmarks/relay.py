@@ -43,10 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnelscope.demo import free_udp_ports
-from tunnelscope.engine import Engine
-from tunnelscope.nio import open_endpoint
-from tunnelscope.traffic import (
+from tunnelscope.analysis.traffic import (
     FrameDecoder,
     FrameFactory,
     Framing,
@@ -55,6 +52,9 @@ from tunnelscope.traffic import (
     send_frames,
     wait_until_bound,
 )
+from tunnelscope.datapath.engine import Engine
+from tunnelscope.demo import free_udp_ports
+from tunnelscope.nio import open_endpoint
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"

@@ -42,9 +42,9 @@ from scapy.layers.ppp import (
 )
 from scapy.packet import Packet
 
-from tunnelscope.capture import CaptureWriter, Format
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import Direction
+from tunnelscope.formats.capture import CaptureWriter, Format
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import Direction
 
 HERE = Path(__file__).resolve().parent
 START_NS = 1_700_000_000_000_000_000  # 2023-11-14 22:13:20 UTC

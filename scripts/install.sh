@@ -2,11 +2,36 @@
 # Install everything tunnelscope's demo and tests need on a fresh Debian machine. Idempotent.
 # Debian packages: tshark (the judge of every file), vpcs (a real peer), iproute2 (network
 # namespaces), gcc + Python headers (the C fast path). Python: a venv in .venv with the
-# package (its C extension compiled) and the dev tools.
+# package (its C extensions compiled) and the dev tools; a GNS3 server in .venv-gns3.
+#
+# One progress line per step; what the installers print goes to .install.log, shown only when a
+# step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+LOG="$PWD/.install.log"
+: >"$LOG"
+
+step() {  # step DESCRIPTION COMMAND...: run COMMAND quietly, show its log if it fails
+    local what=$1
+    shift
+    printf 'install: %s ... ' "$what"
+    if "$@" >>"$LOG" 2>&1; then
+        echo ok
+    else
+        echo FAILED
+        echo "install: the log of that step ($LOG):" >&2
+        tail -n 40 "$LOG" >&2
+        exit 1
+    fi
+}
+
+apt_install() {
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
 
 packages=()
 command -v tshark >/dev/null || packages+=(tshark)
@@ -19,21 +44,18 @@ python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get
     || packages+=(python3-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 if [ "${#packages[@]}" -gt 0 ]; then
-    echo "installing Debian packages: ${packages[*]}"
-    echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
-    $SUDO apt-get update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${packages[@]}" >/dev/null
+    step "Debian packages (${packages[*]})" apt_install "${packages[@]}"
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -i "warning" || true
+[ -x .venv/bin/python ] || step "virtualenv .venv" python3 -m venv .venv
+# setuptools >= 77 reads pyproject's SPDX license; `make ext`/`make asan` build with this one.
+step "pip and setuptools in .venv" .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
+step "tunnelscope with its C extensions, and the dev tools" .venv/bin/python -m pip install -q -e ".[dev]"
 # A GNS3 server of its own (tests run it with tunnelscope as its ubridge); kept apart from
 # .venv because it pins its own versions of common packages.
 if [ "${TUNNELSCOPE_SKIP_GNS3:-0}" != 1 ] && [ ! -x .venv-gns3/bin/gns3server ]; then
-    python3 -m venv .venv-gns3
-    .venv-gns3/bin/python -m pip install -q gns3-server==2.2.61 2>&1 | grep -v -i "warning" || true
+    step "virtualenv .venv-gns3" python3 -m venv .venv-gns3
+    step "gns3-server 2.2.61 in .venv-gns3" .venv-gns3/bin/python -m pip install -q gns3-server==2.2.61
 fi
-.venv/bin/python -c "import tunnelscope"
+step "import check" .venv/bin/python -c "import tunnelscope.nio, tunnelscope.analysis.decap"
 .venv/bin/tunnelscope info | sed -n 1,2p  # sed reads it all: no broken pipe

@@ -10,24 +10,23 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from command import TUNNELSCOPE
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from test_bridge import Lab, lab, numbered, records_without_timestamps
 
-from tunnelscope import bpf
-from tunnelscope.capture import CaptureError, Format, open_capture
-from tunnelscope.engine import available_backends, parse_conditional
-from tunnelscope.linktype import LinkType
+from tunnelscope.datapath import bpf
+from tunnelscope.datapath.engine import available_backends, parse_conditional
+from tunnelscope.formats.capture import CaptureError, Format, open_capture
+from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(120)
 BACKENDS = pytest.mark.parametrize("backend", available_backends())
-TUNNELSCOPE = [sys.executable, "-m", "tunnelscope"]
 ADDRS = socket.inet_aton("10.0.0.1") + socket.inet_aton("10.0.0.2")
 
 

@@ -16,14 +16,14 @@ from contextlib import contextmanager
 
 import pytest
 
-from tunnelscope import pcapng
-from tunnelscope.capture import CaptureError, Format, open_capture
+from tunnelscope.datapath.engine import Engine, Link, available_backends
+from tunnelscope.datapath.impairments import chains, parse_impairment
+from tunnelscope.datapath.pipeline import A2B, PARK_NS
+from tunnelscope.datapath.pipeline import Link as ReferenceLink
 from tunnelscope.demo import free_udp_ports
-from tunnelscope.engine import Engine, Link, available_backends
-from tunnelscope.impairments import chains, parse_impairment
-from tunnelscope.linktype import LinkType
-from tunnelscope.pipeline import A2B, PARK_NS
-from tunnelscope.pipeline import Link as ReferenceLink
+from tunnelscope.formats import pcapng
+from tunnelscope.formats.capture import CaptureError, Format, open_capture
+from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(120)
 

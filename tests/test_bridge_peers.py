@@ -15,11 +15,11 @@ from pathlib import Path
 import peers
 import pytest
 
-from tunnelscope.capture import open_capture
+from tunnelscope.datapath.engine import Engine, Link, available_backends
+from tunnelscope.datapath.impairments import parse_impairment
 from tunnelscope.decoders import decode
-from tunnelscope.engine import Engine, Link, available_backends
-from tunnelscope.impairments import parse_impairment
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(180)
 

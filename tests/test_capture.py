@@ -15,8 +15,8 @@ import test_pcap
 import test_pcapng
 import tshark
 
-from tunnelscope import pcap
-from tunnelscope.capture import (
+from tunnelscope.formats import pcap
+from tunnelscope.formats.capture import (
     CaptureError,
     CaptureWriter,
     Format,
@@ -24,8 +24,8 @@ from tunnelscope.capture import (
     open_capture,
     read_capture,
 )
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import CaptureFormatError, Direction
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError, Direction
 
 TS = 1_700_000_000_000_000_000
 FRAMES = [b"\x0f\x00\x08\x00" + bytes(range(n)) for n in (20, 0, 200, 7)]
@@ -283,7 +283,7 @@ def test_a_reader_that_went_away_sets_the_error() -> None:
 def test_sigpipe_does_not_kill_a_process_writing_to_a_closed_pipe() -> None:
     code = """
         import sys
-        from tunnelscope.capture import CaptureWriter, Format
+        from tunnelscope.formats.capture import CaptureWriter, Format
         sys.stdin.read()  # wait until the parent closed our stdout's reader
         writer = CaptureWriter.open("-", Format())
         writer.add_interface(1, "eth")
@@ -313,7 +313,7 @@ def test_a_failing_write_cuts_the_file_back_to_its_last_record(
     """RLIMIT_FSIZE makes the write that crosses 1000 bytes short, and the next one EFBIG."""
     code = f"""
         import resource, signal
-        from tunnelscope.capture import CaptureError, CaptureWriter, Format
+        from tunnelscope.formats.capture import CaptureError, CaptureWriter, Format
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
         writer = CaptureWriter.open("out", {fmt!r})

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import tshark
 
-from tunnelscope.capture import open_capture
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 

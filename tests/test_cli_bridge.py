@@ -9,15 +9,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
+from command import TUNNELSCOPE
 
 from tunnelscope.demo import free_udp_ports
 
 pytestmark = pytest.mark.timeout(120)
-TUNNELSCOPE = [sys.executable, "-m", "tunnelscope"]
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:

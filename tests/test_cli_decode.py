@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import tshark
 from click.testing import CliRunner, Result
+from command import TUNNELSCOPE
 
-from tunnelscope import pcap, pcapng
-from tunnelscope.capture import open_capture
 from tunnelscope.cli import cli
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats import pcap, pcapng
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 REFERENCE = ["ethernet.pcap", "chdlc.pcap", "ppp.pcap", "frelay.pcap", "mixed.pcapng"]
@@ -131,14 +132,15 @@ def test_json_objects() -> None:
 
 
 def test_lines_from_a_pipe() -> None:
-    done = subprocess.run(
-        f"cat {CAPTURES / 'mixed.pcapng'} | tunnelscope decode -",
-        shell=True,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-    )
+    with subprocess.Popen(["cat", str(CAPTURES / "mixed.pcapng")], stdout=subprocess.PIPE) as cat:
+        done = subprocess.run(
+            [*TUNNELSCOPE, "decode", "-"],
+            stdin=cat.stdout,
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
     assert (done.returncode, done.stderr) == (0, "")
     lines = done.stdout.splitlines()
     assert len(lines) == 12
@@ -160,7 +162,7 @@ def test_standard_input_and_count() -> None:
 @pytest.mark.timeout(30)
 def test_a_live_pipe_prints_each_frame_at_once() -> None:
     proc = subprocess.Popen(
-        ["tunnelscope", "decode", "-"],
+        [*TUNNELSCOPE, "decode", "-"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -178,7 +180,7 @@ def test_a_live_pipe_prints_each_frame_at_once() -> None:
 def test_a_reader_that_goes_away_ends_quietly(tmp_path: Path) -> None:
     path = write_pcap(tmp_path / "big.pcap", 104, reference_frames("chdlc.pcap") * 3000)
     proc = subprocess.Popen(
-        ["tunnelscope", "decode", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*TUNNELSCOPE, "decode", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout.readline()
     proc.stdout.close()
@@ -294,7 +296,7 @@ def test_missing_files_and_directories(tmp_path: Path) -> None:
 def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
     (tmp_path / "bad").write_bytes(b"\x0a\x0d\x0d\x0a" + bytes(30))  # pcapng, then zeros
     done = subprocess.run(
-        ["tunnelscope", "decode", str(tmp_path / "bad")], capture_output=True, text=True
+        [*TUNNELSCOPE, "decode", str(tmp_path / "bad")], capture_output=True, text=True
     )
     assert done.returncode == 2
     assert done.stderr == "tunnelscope: error: " + str(tmp_path / "bad") + (
@@ -305,7 +307,7 @@ def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
 def test_an_output_that_fails_is_one_error_line() -> None:
     with open("/dev/full", "w") as full:
         done = subprocess.run(
-            ["tunnelscope", "decode", str(CAPTURES / "chdlc.pcap")],
+            [*TUNNELSCOPE, "decode", str(CAPTURES / "chdlc.pcap")],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,

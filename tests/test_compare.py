@@ -24,15 +24,22 @@ from scapy.packet import Raw
 from test_bridge import lab, late_frames, numbered
 from test_bridge_peers import running
 
-from tunnelscope import pcap, pcapng
-from tunnelscope.capture import open_capture
+from tunnelscope.analysis.compare import (
+    CompareError,
+    Report,
+    Selection,
+    compare,
+    normaliser,
+    parse_ignore,
+)
 from tunnelscope.cli import cli
-from tunnelscope.compare import CompareError, Report, Selection, compare, normaliser, parse_ignore
+from tunnelscope.datapath.engine import available_backends
+from tunnelscope.datapath.impairments import parse_impairment
 from tunnelscope.decoders import decode
-from tunnelscope.engine import available_backends
-from tunnelscope.impairments import parse_impairment
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import Direction
+from tunnelscope.formats import pcap, pcapng
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import Direction
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,6 @@ import contextlib
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +15,10 @@ from pathlib import Path
 import peers
 import pytest
 import tshark
+from command import TUNNELSCOPE
 
-from tunnelscope.control import (
+from tunnelscope.datapath.engine import Engine, available_backends
+from tunnelscope.lab.control import (
     Code,
     ControlClient,
     ControlError,
@@ -27,8 +28,7 @@ from tunnelscope.control import (
     run_service,
     tokenize,
 )
-from tunnelscope.engine import Engine, available_backends
-from tunnelscope.lab import load_lab
+from tunnelscope.lab.labfile import load_lab
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -521,7 +521,7 @@ def test_a_lab_capture_runs_from_the_start(tmp_path: Path) -> None:
 def test_unknown_control_address_is_one_line() -> None:
     port = peers.free_tcp_port()
     done = subprocess.run(
-        [sys.executable, "-m", "tunnelscope", "links", "--control", f"127.0.0.1:{port}"],
+        [*TUNNELSCOPE, "links", "--control", f"127.0.0.1:{port}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -532,7 +532,7 @@ def test_unknown_control_address_is_one_line() -> None:
 
 
 def test_hypervisor_answers_as_ubridge_and_stops_on_request(tmp_path: Path) -> None:
-    tunnelscope = [sys.executable, "-m", "tunnelscope", "hypervisor"]
+    tunnelscope = [*TUNNELSCOPE, "hypervisor"]
     version = subprocess.run([*tunnelscope, "-v"], capture_output=True, text=True, timeout=60)
     assert re.match(r"ubridge version 0\.9\.18 ", version.stdout)
     launcher = tmp_path / "ubridge"

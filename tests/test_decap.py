@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import tshark
 from click.testing import CliRunner, Result
+from command import TUNNELSCOPE
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
@@ -26,15 +27,15 @@ from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from scapy.layers.ntp import NTP
 from scapy.packet import Raw
 
-from tunnelscope import decap as decap_module
-from tunnelscope import pcap, pcapng
-from tunnelscope.capture import open_capture
+from tunnelscope.analysis import decap as decap_module
+from tunnelscope.analysis.decap import FRAGMENT, NOT_UDP, Options, decap, locate_udp
 from tunnelscope.cli import cli
-from tunnelscope.decap import FRAGMENT, NOT_UDP, Options, decap, locate_udp
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats import pcap, pcapng
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 C_BUILT = decap_module.c_scanner_available()
-needs_c = pytest.mark.skipif(not C_BUILT, reason="tunnelscope._scan is not built")
+needs_c = pytest.mark.skipif(not C_BUILT, reason="tunnelscope.analysis._scan is not built")
 BACKENDS = [pytest.param(True, marks=needs_c, id="c"), pytest.param(False, id="python")]
 
 # the four lab links of every test capture: kind -> (lower port, higher port)
@@ -137,7 +138,7 @@ def run_json(*args: str) -> dict:
 
 def run_process(*args: str, **kwargs: object) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tunnelscope", "decap", *args],
+        [*TUNNELSCOPE, "decap", *args],
         capture_output=True,
         timeout=120,
         **kwargs,  # type: ignore[arg-type]
@@ -531,7 +532,7 @@ def _peak_rss_mb(args: list[str]) -> float:
     """Peak RSS of `tunnelscope decap ARGS`, measured by the benchmark's wrapper: a small fresh
     process whose RUSAGE_CHILDREN holds that run alone (a child forked from this big test
     process would report this process's size)."""
-    command = [sys.executable, "-m", "tunnelscope", "decap", *args]
+    command = [*TUNNELSCOPE, "decap", *args]
     done = subprocess.run(
         [sys.executable, str(BENCHMARK), "--measure", json.dumps(command)],
         capture_output=True,

@@ -26,7 +26,7 @@ from scapy.layers.ppp import (
     PPP_PAP_Request,
 )
 
-from tunnelscope.capture import CaptureWriter, Format
+from tunnelscope.formats.capture import CaptureWriter, Format
 
 MAC_A, MAC_B = "c4:01:0a:1b:00:00", "c4:02:0a:1b:00:01"  # dynamips-style router MACs
 

@@ -8,7 +8,7 @@ import pytest
 from test_decoders_frames import chdlc_frames, ethernet_frames, fr_frames, ppp_frames
 
 from tunnelscope.decoders import Decoded, decode
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.linktype import LinkType
 
 LINKTYPES = [
     LinkType.ETHERNET,

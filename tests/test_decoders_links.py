@@ -22,7 +22,7 @@ from test_decoders_frames import (
 )
 
 from tunnelscope.decoders import decode
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.linktype import LinkType
 
 
 def test_summary_reads_like_tcpdump() -> None:

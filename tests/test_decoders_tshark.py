@@ -19,7 +19,7 @@ from test_decoders_frames import (
 )
 
 from tunnelscope.decoders import decode
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.linktype import LinkType
 
 
 def _names(text: str) -> list[str]:

@@ -22,8 +22,7 @@ from test_decoders_frames import (
     slarp_keepalive,
 )
 
-from tunnelscope.capture import open_capture
-from tunnelscope.detect import (
+from tunnelscope.decoders.detect import (
     IMPOSSIBLE,
     MALFORMED,
     RECOGNISED,
@@ -32,7 +31,8 @@ from tunnelscope.detect import (
     detect_linktype,
     score,
 )
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 STREAMS = {

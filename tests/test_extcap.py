@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +15,11 @@ from pathlib import Path
 import peers
 import pytest
 import tshark
+from command import TUNNELSCOPE
 
-from tunnelscope import extcap
-from tunnelscope.control import ControlClient
-from tunnelscope.stream import running_instances
+from tunnelscope.lab import extcap
+from tunnelscope.lab.control import ControlClient
+from tunnelscope.lab.stream import running_instances
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,7 +48,7 @@ def served(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[int, int]]:
         f'a_endpoint = "udp:{ours_a}:127.0.0.1:{r1}"\nb_endpoint = "udp:{ours_b}:127.0.0.1:{r2}"\n'
         'encapsulation = "hdlc"\n'
     )
-    command = [sys.executable, "-m", "tunnelscope", "serve", str(lab), "--control", "127.0.0.1:0"]
+    command = [*TUNNELSCOPE, "serve", str(lab), "--control", "127.0.0.1:0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
@@ -74,15 +74,17 @@ def run(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.Comp
 def test_tshark_lists_and_captures_a_running_hdlc_link(
     served: tuple[int, int], env: dict[str, str]
 ) -> None:
-    done = run(sys.executable, "-m", "tunnelscope", "extcap", "install", env=env)
+    done = run(*TUNNELSCOPE, "extcap", "install", env=env)
     assert done.returncode == 0, done.stderr
     launcher = Path(env["HOME"], ".config/wireshark/extcap/tunnelscope")
     assert os.access(launcher, os.X_OK)
 
     listing = run("tshark", "-D", env=env).stdout
     names = [line.split(". ", 1)[1].split(" ", 1)[0] for line in listing.splitlines()]
-    links = [name for name in names if name.startswith("tunnelscope-") and name[12].isdigit()]
-    assert len(links) == 1 and "tunnelscope-sniff" in names, listing
+    links = [name for name in names if name.startswith("tunnelscope-serial-")]
+    # named after the lab and the link, never the process: the same after a restart
+    assert links == ["tunnelscope-serial-R1%3As1%2F0--R2%3As1%2F0"], listing
+    assert "tunnelscope-sniff" in names, listing
     dlts = run("tshark", "-i", links[0], "-L", env=env).stdout
     assert "C_HDLC" in dlts
 
@@ -109,7 +111,7 @@ def test_tshark_lists_and_captures_a_running_hdlc_link(
     assert len(rows) >= 10, captured.stderr
     assert {tuple(row) for row in rows} == {("0x0f", "0x0800", "10.0.0.2")}
 
-    done = run(sys.executable, "-m", "tunnelscope", "extcap", "install", "--uninstall", env=env)
+    done = run(*TUNNELSCOPE, "extcap", "install", "--uninstall", env=env)
     assert done.returncode == 0 and not launcher.exists()
 
 
@@ -134,6 +136,6 @@ def test_the_toolbar_changes_the_links_impairments(served: tuple[int, int], tmp_
 
 def test_bad_extcap_calls_are_one_line(env: dict[str, str]) -> None:
     for args in ([], ["--extcap-interface", "tunnelscope-1-nope", "--extcap-dlts"]):
-        done = run(sys.executable, "-m", "tunnelscope", "extcap", *args, env=env)
+        done = run(*TUNNELSCOPE, "extcap", *args, env=env)
         assert done.returncode == 2
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from tunnelscope import pcapng
-from tunnelscope.capture import CaptureWriter, Format, open_capture
-from tunnelscope.impairments import chains, parse_impairment, splitmix64, stream_seed
-from tunnelscope.packet import Direction
+from tunnelscope.datapath.impairments import chains, parse_impairment, splitmix64, stream_seed
+from tunnelscope.formats import pcapng
+from tunnelscope.formats.capture import CaptureWriter, Format, open_capture
+from tunnelscope.formats.packet import Direction
 
 fp = pytest.importorskip("tunnelscope.nio._fastpath", reason="C fast path not built")
 
@@ -908,7 +908,7 @@ FSIZE_SCRIPT = r"""
 import os, resource, signal, socket, sys, time
 sys.path.insert(0, sys.argv[2])
 from test_fastpath import Rig, numbered
-from tunnelscope.capture import CaptureWriter, Format
+from tunnelscope.formats.capture import CaptureWriter, Format
 from tunnelscope.nio import _fastpath as fp
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -972,7 +972,7 @@ def test_gso_falls_back_when_the_kernel_refuses_it():
 
 
 def test_engine_gso_needs_the_c_backend():
-    from tunnelscope.engine import Engine
+    from tunnelscope.datapath.engine import Engine
 
     with pytest.raises(ValueError, match="gso needs the C backend"):
         Engine("python", gso=True)
@@ -998,7 +998,7 @@ def test_bridge_gso_flag():
 def test_python_twin_stamps_a_batch_once_its_receive_returned(monkeypatch):
     """pipeline.Loop calls Link.receive(direction) without a time: the batch is stamped after
     recv_batch returns (as handle_event does in C), so no frame leaves before its delay."""
-    from tunnelscope import pipeline
+    from tunnelscope.datapath import pipeline
 
     clock = [1_000_000_000]
     monkeypatch.setattr(pipeline.time, "monotonic_ns", lambda: clock[0])

@@ -32,6 +32,7 @@ from typing import Any
 import peers
 import pytest
 import tshark
+from command import TUNNELSCOPE
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -65,7 +66,7 @@ class Gns3:
         self.projects = workdir / "projects"
         launcher = workdir / "tunnelscope-ubridge"
         subprocess.run(
-            [sys.executable, "-m", "tunnelscope", "hypervisor", "--install-launcher"]
+            [*TUNNELSCOPE, "hypervisor", "--install-launcher"]
             + [str(launcher), "--captures-dir", str(self.projects), "--log", str(self.exchange)],
             check=True,
             timeout=60,

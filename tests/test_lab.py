@@ -7,14 +7,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from command import TUNNELSCOPE
 
-from tunnelscope import lab as labmodule
-from tunnelscope.lab import LabError, canonical_interface, load_lab, resolve_capture_path
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.lab import labfile as labmodule
+from tunnelscope.lab.labfile import LabError, canonical_interface, load_lab, resolve_capture_path
 
 LABS = Path(__file__).resolve().parent.parent / "labs"
 
@@ -27,7 +27,7 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 
 def tunnelscope(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tunnelscope", *args],
+        [*TUNNELSCOPE, *args],
         capture_output=True,
         text=True,
         timeout=60,

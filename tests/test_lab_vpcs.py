@@ -15,7 +15,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -25,10 +24,10 @@ from typing import IO
 import peers
 import pytest
 import tshark
+from command import TUNNELSCOPE
 
 pytestmark = [pytest.mark.timeout(300)]
 
-TUNNELSCOPE = [sys.executable, "-m", "tunnelscope"]
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
 
 

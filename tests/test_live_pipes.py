@@ -6,22 +6,21 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from command import TUNNELSCOPE
 from test_bridge import lab, numbered
 from test_cli_bridge import assert_one_line_error, peer, run_cli, wait_until_bound
 
-from tunnelscope.capture import Format
+from tunnelscope.datapath.engine import available_backends
 from tunnelscope.demo import free_udp_ports
-from tunnelscope.engine import available_backends
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.capture import Format
+from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(120)
 BACKENDS = pytest.mark.parametrize("backend", available_backends())
-TUNNELSCOPE = [sys.executable, "-m", "tunnelscope"]
 NEEDS_TSHARK = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 CHDLC_IP = bytes.fromhex("0f000800450000140000000040000000") + bytes([10, 0, 0, 1, 10, 0, 0, 2])
 

@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from tunnelscope import pcap
-from tunnelscope.capture import read_capture
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import MAX_CAPLEN, CaptureFormatError
+from tunnelscope.formats import pcap
+from tunnelscope.formats.capture import read_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import MAX_CAPLEN, CaptureFormatError
 
 TS = 1_700_000_000_123_456_789
 SLARP_HEAD = b"\x8f\x00\x80\x35"

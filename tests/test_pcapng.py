@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from tunnelscope import pcapng
-from tunnelscope.capture import read_capture
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import CaptureFormatError, Direction
+from tunnelscope.formats import pcapng
+from tunnelscope.formats.capture import read_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError, Direction
 
 TS = 1_700_000_000_123_456_789
 NRB, DSB, CUSTOM = 0x00000004, 0x0000000A, 0x40000BAD
@@ -222,6 +222,6 @@ def test_reader_refuses_a_foreign_magic() -> None:
 
 
 def test_nanoseconds_per_tick_for_decap() -> None:
-    """tunnelscope/decap.py hands its C scanner whole nanoseconds per tick."""
+    """tunnelscope/analysis/decap.py hands its C scanner whole nanoseconds per tick."""
     resolutions = [b"", b"\x06", b"\x09", b"\x0c", bytes([0x80 | 10])]
     assert [pcapng._tsresol_ns(r) for r in resolutions] == [1000, 1000, 1, 1, 976_562]

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from tunnelscope.capture import CaptureWriter, Format, RecordSink, read_capture
-from tunnelscope.impairments import chains, parse_impairment
-from tunnelscope.pipeline import A2B, B2A, PARK_NS, CaptureTap, Link
+from tunnelscope.datapath.impairments import chains, parse_impairment
+from tunnelscope.datapath.pipeline import A2B, B2A, PARK_NS, CaptureTap, Link
+from tunnelscope.formats.capture import CaptureWriter, Format, RecordSink, read_capture
 
 
 class MemoryEndpoint:

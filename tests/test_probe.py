@@ -12,7 +12,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,15 +20,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from command import TUNNELSCOPE
 
-from tunnelscope.capture import Format
-from tunnelscope.cli import cli
-from tunnelscope.demo import free_udp_ports
-from tunnelscope.engine import Engine, Link, available_backends
-from tunnelscope.impairments import parse_impairment, splitmix64, stream_seed
-from tunnelscope.linktype import LinkType
-from tunnelscope.nio import Endpoint, open_endpoint
-from tunnelscope.traffic import (
+from tunnelscope.analysis.traffic import (
     AFTER_TUNNELSCOPE,
     FrameFactory,
     Framing,
@@ -41,6 +34,13 @@ from tunnelscope.traffic import (
     run_probe,
     wait_until_bound,
 )
+from tunnelscope.cli import cli
+from tunnelscope.datapath.engine import Engine, Link, available_backends
+from tunnelscope.datapath.impairments import parse_impairment, splitmix64, stream_seed
+from tunnelscope.demo import free_udp_ports
+from tunnelscope.formats.capture import Format
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.nio import Endpoint, open_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 PROBES = 20_000
@@ -229,7 +229,7 @@ def test_probe_command_through_a_bridge_process(tmp_path) -> None:
     pa, la, lb, pb = free_udp_ports(4)
     capture = tmp_path / "path.pcapng"
     bridge = subprocess.Popen(
-        [sys.executable, "-m", "tunnelscope", "bridge", f"udp:{la}:127.0.0.1:{pa}"]
+        [*TUNNELSCOPE, "bridge", f"udp:{la}:127.0.0.1:{pa}"]
         + [f"udp:{lb}:127.0.0.1:{pb}", "-I", "a2b packet_loss 10", "-I", "a2b duplicate 2"]
         + ["--seed", "9", "--duration", "20", "--json", "-w", str(capture)],
         stdout=subprocess.PIPE,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_bridge import lab, numbered, numbers
 
-from tunnelscope.capture import Format, Ring, open_capture
-from tunnelscope.engine import available_backends
-from tunnelscope.linktype import LinkType
+from tunnelscope.datapath.engine import available_backends
+from tunnelscope.formats.capture import Format, Ring, open_capture
+from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(120)
 BACKENDS = pytest.mark.parametrize("backend", available_backends())

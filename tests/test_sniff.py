@@ -6,17 +6,17 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import peers
 import pytest
+from command import TUNNELSCOPE
 
-from tunnelscope.capture import open_capture
-from tunnelscope.engine import Engine
-from tunnelscope.linktype import LinkType
-from tunnelscope.sniff import PacketSource
+from tunnelscope.analysis.sniff import PacketSource
+from tunnelscope.datapath.engine import Engine
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +39,7 @@ def test_sniff_on_lo_reproduces_the_bridge_capture(tmp_path: Path) -> None:
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
     bridged, sniffed = tmp_path / "bridge.pcapng", tmp_path / "sniff.pcapng"
-    command = [sys.executable, "-m", "tunnelscope", "sniff", "--ports", f"{p1},{l1}"]
+    command = [*TUNNELSCOPE, "sniff", "--ports", f"{p1},{l1}"]
     command += ["-w", str(sniffed), "--duration", "60", "--json"]
     sniffer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -80,7 +80,7 @@ def test_sniff_on_lo_reproduces_the_bridge_capture(tmp_path: Path) -> None:
 def test_sniff_bad_input_is_one_line() -> None:
     for args in (["-w", "x.pcapng", "--ports", "70000"], ["-i", "nosuch0", "-w", "/dev/null"]):
         done = subprocess.run(
-            [sys.executable, "-m", "tunnelscope", "sniff", *args],
+            [*TUNNELSCOPE, "sniff", *args],
             capture_output=True,
             text=True,
             timeout=30,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,10 +13,11 @@ from pathlib import Path
 import peers
 import pytest
 import tshark
+from command import TUNNELSCOPE
 
-from tunnelscope.engine import Engine, Link
-from tunnelscope.linktype import LinkType
-from tunnelscope.stream import Request, StreamError, StreamServer, connect, parse_request
+from tunnelscope.datapath.engine import Engine, Link
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.lab.stream import Request, StreamError, StreamServer, connect, parse_request
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -187,7 +187,7 @@ def test_requests_errors_and_the_token() -> None:
             assert raw.recv(4) == b"\xd4\xc3\xb2\xa1"
         for args in ([server.where, "nope", "-w", "-"], ["127.0.0.1:1", "lan", "-w", "-"]):
             done = subprocess.run(
-                [sys.executable, "-m", "tunnelscope", "stream", *args],
+                [*TUNNELSCOPE, "stream", *args],
                 capture_output=True,
                 text=True,
                 timeout=30,

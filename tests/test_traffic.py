@@ -10,7 +10,6 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -18,12 +17,10 @@ from contextlib import contextmanager
 
 import pytest
 from click.testing import CliRunner
+from command import TUNNELSCOPE
 
-from tunnelscope import pcap, traffic
-from tunnelscope.cli import cli
-from tunnelscope.demo import free_udp_ports
-from tunnelscope.nio import open_endpoint
-from tunnelscope.traffic import (
+from tunnelscope.analysis import traffic
+from tunnelscope.analysis.traffic import (
     FRAMINGS,
     HEADER,
     MAGIC,
@@ -34,6 +31,10 @@ from tunnelscope.traffic import (
     percentile,
     wilson_interval,
 )
+from tunnelscope.cli import cli
+from tunnelscope.demo import free_udp_ports
+from tunnelscope.formats import pcap
+from tunnelscope.nio import open_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -290,7 +291,7 @@ def test_sink_stops_when_idle_and_on_request() -> None:
 def test_blast_and_sink_commands(tmp_path) -> None:
     s, r = free_udp_ports(2)
     sink_process = subprocess.Popen(
-        [sys.executable, "-m", "tunnelscope", "sink", f"udp:{r}:127.0.0.1:{s}", "--json"]
+        [*TUNNELSCOPE, "sink", f"udp:{r}:127.0.0.1:{s}", "--json"]
         + ["--idle", "0.5", "--duration", "10"],
         stdout=subprocess.PIPE,
         text=True,

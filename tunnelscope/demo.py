@@ -202,7 +202,7 @@ def write_host_capture(path: str, links: dict[tuple[int, int], list[tuple[bool, 
     from scapy.layers.dns import DNS, DNSQR
     from scapy.layers.inet import UDP
 
-    from tunnelscope.capture import CaptureWriter, Format
+    from tunnelscope.formats.capture import CaptureWriter, Format
 
     writer = CaptureWriter.open(path, Format())
     interface = writer.add_interface(1, "lo")

@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
+from tunnelscope.analysis.traffic import FRAMINGS, FrameFactory, Framing
+from tunnelscope.analysis.traffic import blast as run_blast
 from tunnelscope.cli.common import Failure, echo_json
 from tunnelscope.nio import Endpoint, EndpointError, open_endpoint
-from tunnelscope.traffic import FRAMINGS, FrameFactory, Framing
-from tunnelscope.traffic import blast as run_blast
 
 _DEFAULTS = Framing()
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import click
 
-from tunnelscope.capture import CaptureError, Format, Ring
-from tunnelscope.cli.common import Failure, capture_at_option, echo_json
-from tunnelscope.control import parse_address
-from tunnelscope.engine import Engine, Link, parse_conditional
-from tunnelscope.impairments import ImpairmentError
-from tunnelscope.linktype import LinkType
+from tunnelscope.cli.common import Failure, capture_at_option, direction_text, echo_json
+from tunnelscope.datapath.engine import Engine, Link, parse_conditional
+from tunnelscope.datapath.impairments import ImpairmentError
+from tunnelscope.formats.capture import CaptureError, Format, Ring
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.lab.control import parse_address
+from tunnelscope.lab.stream import Instance, StreamServer, registered
 from tunnelscope.nio import EndpointError
-from tunnelscope.stream import Instance, StreamServer, registered
 
 
 @click.command()
@@ -194,7 +194,7 @@ def bridge(
         signal.signal(signum, lambda *_: engine.stop())
     report = sys.stderr if path == "-" else sys.stdout
     with contextlib.ExitStack() as exits:
-        streams = _serve_streams(engine, stream, stream_token, exits)
+        streams = _serve_streams(engine, stream, stream_token, f"{a}--{b}", exits)
         engine.run(
             duration=duration,
             every=stats_every,
@@ -228,7 +228,7 @@ def _start_viewer(viewer: str, name: str) -> subprocess.Popen:
 
 
 def _serve_streams(
-    engine: Engine, where: str, token: str | None, exits: contextlib.ExitStack
+    engine: Engine, where: str, token: str | None, name: str, exits: contextlib.ExitStack
 ) -> StreamServer | None:
     """Live captures over TCP, announced to the Wireshark extcap; a failure only warns."""
     if where == "off":
@@ -236,7 +236,7 @@ def _serve_streams(
     try:
         streams = StreamServer(engine, parse_address(where), token).start()
         exits.enter_context(
-            registered(Instance(os.getpid(), "bridge", streams.where, None, streams.token))
+            registered(Instance(os.getpid(), "bridge", streams.where, None, streams.token, name))
         )
     except (OSError, ValueError) as exc:
         click.echo(f"tunnelscope: warning: no live stream on {where}: {exc}", err=True)
@@ -262,28 +262,16 @@ def _summary(engine: Engine, link: Link) -> dict[str, Any]:
     }
 
 
-def _direction_text(stats: dict[str, Any]) -> str:
-    text = f"received {stats['received']} forwarded {stats['forwarded']}"
-    dropped = stats["dropped"]
-    if dropped:
-        causes = ", ".join(f"{cause} {n}" for cause, n in sorted(dropped.items()))
-        text += f" dropped {sum(dropped.values())} ({causes})"
-    for key in ("corrupted", "duplicated", "reordered", "queued", "send_errors"):
-        if stats.get(key):
-            text += f" {key} {stats[key]}"
-    return text
-
-
 def _status_line(link: Link) -> str:
     stats = link.stats()
-    return f"{link.name}: a2b {_direction_text(stats['a2b'])} | b2a {_direction_text(stats['b2a'])}"
+    return f"{link.name}: a2b {direction_text(stats['a2b'])} | b2a {direction_text(stats['b2a'])}"
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['link']} ({summary['backend']} backend, seed {summary['seed']}):",
-        f"  a2b {_direction_text(summary['a2b'])}",
-        f"  b2a {_direction_text(summary['b2a'])}",
+        f"  a2b {direction_text(summary['a2b'])}",
+        f"  b2a {direction_text(summary['b2a'])}",
     ]
     capture = summary.get("capture")
     if capture:

@@ -10,8 +10,7 @@ from typing import Callable
 
 import click
 
-from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.compare import (
+from tunnelscope.analysis.compare import (
     DEFAULT_LIMIT,
     DEFAULT_WINDOW,
     IGNORABLE,
@@ -26,6 +25,7 @@ from tunnelscope.compare import (
     compare,
     parse_ignore,
 )
+from tunnelscope.cli.common import Failure, echo_json
 
 
 @click.command(name="compare")

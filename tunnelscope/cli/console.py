@@ -22,8 +22,8 @@ from tunnelscope.cli.labverbs import (
     links_table,
     stats_table,
 )
-from tunnelscope.control import Code, ControlClient, ControlError, ControlUnavailable, tokenize
-from tunnelscope.impairments import NAMES
+from tunnelscope.datapath.impairments import NAMES
+from tunnelscope.lab.control import Code, ControlClient, ControlError, ControlUnavailable, tokenize
 
 PROMPT = "=> "  # Dynagen's
 LINKTYPES = ("ETH", "HDLC", "PPP", "FR")

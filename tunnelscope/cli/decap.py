@@ -1,4 +1,4 @@
-"""`tunnelscope decap IN -w OUT`: the offline tap (the work is in tunnelscope/decap.py)."""
+"""`tunnelscope decap IN -w OUT`: the offline tap (the work is in tunnelscope/analysis/decap.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from tunnelscope.capture import CaptureError
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import CaptureFormatError
+from tunnelscope.formats.capture import CaptureError
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError
 
 if TYPE_CHECKING:
-    from tunnelscope.decap import Options, Summary
+    from tunnelscope.analysis.decap import Options, Summary
 
 
 def parse_ports(text: str) -> frozenset[int]:
@@ -38,7 +38,7 @@ def parse_ports(text: str) -> frozenset[int]:
 
 def decap_options(ports: str | None, linktype: str | None, dedupe: bool) -> Options:
     """decap's --ports, --linktype and --dedupe (shared with sniff), checked."""
-    from tunnelscope.decap import Options
+    from tunnelscope.analysis.decap import Options
 
     options = Options(dedupe=dedupe)
     try:
@@ -145,7 +145,7 @@ def decap(
       tunnelscope decap host.pcap --split links/ --ports 10001,10005
       tunnelscope decap gns3-loopback.pcapng -w lab.pcapng --dedupe
     """
-    from tunnelscope import decap as decapping  # imported here: only this command needs it
+    from tunnelscope.analysis import decap as decapping  # imported here: only this command needs it
 
     if (output is None) == (split_dir is None):
         raise click.UsageError("give either -w OUT or --split DIR")

@@ -15,11 +15,11 @@ from typing import Any
 
 import click
 
-from tunnelscope.capture import Reader, open_capture
 from tunnelscope.cli.common import Failure
 from tunnelscope.decoders import decode as decode_frame
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import CaptureFormatError, Direction, Packet
+from tunnelscope.formats.capture import Reader, open_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError, Direction, Packet
 
 _WORDS = {Direction.OUTBOUND: "out", Direction.INBOUND: "in"}
 _ARROWS = {"out": ">", "in": "<"}

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from tunnelscope.capture import open_capture
-from tunnelscope.cli.common import Failure
+from tunnelscope.cli.common import Failure, direction_text, fit_to_terminal
+from tunnelscope.datapath.engine import Engine
+from tunnelscope.datapath.impairments import parse_impairment
 from tunnelscope.decoders import decode
-from tunnelscope.engine import Engine
-from tunnelscope.impairments import parse_impairment
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 
 
 @click.command()
@@ -86,7 +86,7 @@ def demo(out_dir: str, backend: str, pings: int) -> None:
 
 def _decap_demo(out: Path, lab_captures: dict[tuple[int, int], Path]) -> None:
     """The offline tap: a loopback capture of four tunnels (one per link type), decapsulated."""
-    from tunnelscope.decap import decap as decapsulate
+    from tunnelscope.analysis.decap import decap as decapsulate
     from tunnelscope.demo import serial_samples, write_host_capture
 
     links: dict[tuple[int, int], list[tuple[bool, bytes]]] = {}
@@ -112,11 +112,7 @@ def _report(title: str, result: list[bool], stats: dict | None) -> None:
     marks = " ".join(f"{seq}:{'ok' if ok else 'lost'}" for seq, ok in enumerate(result, 1))
     click.echo(f"\n{title}: {sum(result)}/{len(result)} replies  [{marks}]")
     if stats:
-        a2b = stats["a2b"]
-        click.echo(
-            f"  a2b received {a2b['received']} forwarded {a2b['forwarded']}"
-            f" dropped {a2b['dropped']}"
-        )
+        click.echo(f"  a2b {direction_text(stats['a2b'])}")
 
 
 def _show_capture(path: Path, per_interface: int = 14) -> None:
@@ -135,7 +131,7 @@ def _show_capture(path: Path, per_interface: int = 14) -> None:
         arrow = {1: "<", 2: ">"}.get(int(packet.direction), " ")
         note = f"  [{packet.comment}]" if packet.comment else ""
         summary = decode(packet.linktype, packet.data).summary
-        click.echo(f"  {name:12} {arrow} {summary[:100]}{note}")
+        click.echo(fit_to_terminal(f"  {name:12} {arrow} {summary}{note}"))
     if len(packets) > sum(shown.values()):
         click.echo(f"  ... {len(packets) - sum(shown.values())} more")
     if shutil.which("tshark"):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from tunnelscope import extcap as ext
-from tunnelscope.capture import CaptureError
+from tunnelscope.analysis.sniff import SniffError
 from tunnelscope.cli.common import Failure
 from tunnelscope.cli.decap import parse_ports
-from tunnelscope.engine import CAPTURE_POINTS
-from tunnelscope.sniff import SniffError
+from tunnelscope.datapath.engine import CAPTURE_POINTS
+from tunnelscope.formats.capture import CaptureError
+from tunnelscope.lab import extcap as ext
 
 
 @click.group(invoke_without_command=True)

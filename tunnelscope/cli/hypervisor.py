@@ -15,14 +15,14 @@ import click
 
 from tunnelscope import __version__
 from tunnelscope.cli.common import Failure
-from tunnelscope.control import (
+from tunnelscope.datapath.engine import Engine
+from tunnelscope.lab.control import (
     UBRIDGE_VERSION,
     Switchboard,
     exposure_warning,
     parse_address,
     run_service,
 )
-from tunnelscope.engine import Engine
 
 
 @click.command()

@@ -9,9 +9,9 @@ import click
 
 from tunnelscope import __version__
 from tunnelscope.cli.common import echo_json
-from tunnelscope.engine import available_backends, choose_backend
-from tunnelscope.impairments import NAMES
-from tunnelscope.linktype import TUNNEL_LINKTYPES
+from tunnelscope.datapath.engine import available_backends, choose_backend
+from tunnelscope.datapath.impairments import NAMES
+from tunnelscope.formats.linktype import TUNNEL_LINKTYPES
 
 
 @click.command()

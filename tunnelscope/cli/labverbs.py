@@ -18,14 +18,14 @@ from rich.live import Live
 from rich.table import Table
 
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.control import (
+from tunnelscope.datapath.engine import CAPTURE_POINTS
+from tunnelscope.lab.control import (
     CONTROL_ENV,
     DEFAULT_CONTROL,
     ControlClient,
     ControlError,
     ControlUnavailable,
 )
-from tunnelscope.engine import CAPTURE_POINTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

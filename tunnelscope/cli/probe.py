@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
+from tunnelscope.analysis.traffic import attribute_losses, plot_report, probe_report, run_probe
 from tunnelscope.cli.blast import framing_options, open_factory, open_nio, stop_on_signals
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.packet import CaptureFormatError
-from tunnelscope.traffic import attribute_losses, plot_report, probe_report, run_probe
+from tunnelscope.formats.packet import CaptureFormatError
 
 
 @click.command()

@@ -12,7 +12,9 @@ from collections.abc import Callable
 import click
 
 from tunnelscope.cli.common import Failure, echo_json
-from tunnelscope.control import (
+from tunnelscope.datapath.engine import Engine
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.lab.control import (
     CONTROL_ENV,
     DEFAULT_CONTROL,
     ControlError,
@@ -21,11 +23,9 @@ from tunnelscope.control import (
     parse_address,
     run_service,
 )
-from tunnelscope.engine import Engine
-from tunnelscope.lab import Lab, LabError, load_lab
-from tunnelscope.linktype import LinkType
+from tunnelscope.lab.labfile import Lab, LabError, load_lab
+from tunnelscope.lab.stream import Instance, StreamServer, registered
 from tunnelscope.nio import EndpointError
-from tunnelscope.stream import Instance, StreamServer, registered
 
 
 @click.command()
@@ -145,6 +145,7 @@ def serve(
             streams.where if streams else None,
             where,
             streams and streams.token,
+            lab.name,
         )
         with contextlib.suppress(OSError):  # no registry: only the extcap misses this instance
             exits.enter_context(registered(instance))

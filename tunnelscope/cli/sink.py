@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
+from tunnelscope.analysis.traffic import sink as run_sink
 from tunnelscope.cli.blast import open_nio, stop_on_signals
 from tunnelscope.cli.common import echo_json
-from tunnelscope.traffic import sink as run_sink
 
 
 @click.command()

@@ -1,4 +1,4 @@
-"""`tunnelscope sniff -w OUT`: the live tap (the work is in tunnelscope/sniff.py)."""
+"""`tunnelscope sniff -w OUT`: the live tap (the work is in tunnelscope/analysis/sniff.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import time
 
 import click
 
-from tunnelscope.capture import CaptureError
+from tunnelscope.analysis.sniff import PacketSource, Sniffer, SniffError
 from tunnelscope.cli.common import Failure
 from tunnelscope.cli.decap import _report, decap_options
-from tunnelscope.sniff import PacketSource, Sniffer, SniffError
+from tunnelscope.formats.capture import CaptureError
 
 
 @click.command()

@@ -11,7 +11,7 @@ import sys
 import click
 
 from tunnelscope.cli.common import Failure, capture_at_option
-from tunnelscope.stream import Request, StreamError, connect, copy_stream, tunnel_linktype
+from tunnelscope.lab.stream import Request, StreamError, connect, copy_stream, tunnel_linktype
 
 
 @click.command()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tunnelscope.decoders import chdlc, ethernet, frelay, ppp
 from tunnelscope.decoders.base import Builder, Decoded
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.linktype import LinkType
 
 __all__ = ["Decoded", "decode"]
 

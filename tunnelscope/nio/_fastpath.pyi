@@ -1,7 +1,8 @@
-"""The C hot loop: the same data path as tunnelscope/pipeline.py, without Python per frame.
+"""The C hot loop: the data path of tunnelscope/datapath/pipeline.py, without Python per frame.
 
-Semantics: docs/pipeline.md. `tunnelscope.pipeline.Loop` and `tunnelscope.capture.RecordSink`
-are the pure-Python twins of `Loop` and `Capture`; tests/test_parity.py holds them equal.
+Semantics: docs/pipeline.md. `tunnelscope.datapath.pipeline.Loop` and
+`tunnelscope.formats.capture.RecordSink` are the pure-Python twins of `Loop` and `Capture`;
+tests/test_bridge.py runs both on the same vectors and compares their bytes.
 """
 
 from typing import Union
@@ -100,7 +101,8 @@ class Loop:
         filter: list[tuple[int, int, int, int]] | None = None,
     ) -> int:
         """Record the bridge's frames into capture: interface ids of its pre/post points (-1
-        for a point not captured), a classic BPF program (tunnelscope.bpf; None: every frame).
+        for a point not captured), a classic BPF program (tunnelscope.datapath.bpf; None: every
+        frame).
         Returns the capture's id on the bridge (from 0, never reused). Any number of captures
         per bridge, each failing alone; one Capture may serve several bridges (pcapng) but not
         twice the same bridge (ValueError). ValueError for a program that could misbehave."""

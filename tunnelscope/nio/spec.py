@@ -1,7 +1,7 @@
 """What every endpoint shares: the parsed spec, the Endpoint interface, the error type.
 
 An endpoint (a dynamips/ubridge "NIO") is one end of a lab link. The relay loops (pure
-Python in tunnelscope/pipeline.py, C in _fastpath.c) only need `fileno()` and `kind`; the
+Python in tunnelscope/datapath/pipeline.py, C in _fastpath.c) only need `fileno()` and `kind`; the
 batch methods here are the pure-Python data path and the reference the C loop mirrors.
 """
 

@@ -40,10 +40,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tunnelscope.capture import CaptureError, Format
-from tunnelscope.control import ControlError, listen_tcp, parse_address, tokenize
-from tunnelscope.engine import CAPTURE_POINTS, Engine, Link
-from tunnelscope.linktype import TUNNEL_LINKTYPES, LinkType
+from tunnelscope.datapath.engine import CAPTURE_POINTS, Engine, Link
+from tunnelscope.formats.capture import CaptureError, Format
+from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
+from tunnelscope.lab.control import ControlError, listen_tcp, parse_address, tokenize
 
 REQUEST_WAIT = 1.0  # seconds before a silent client gets the default capture
 REQUEST_TIMEOUT = 5.0  # seconds to finish a request (an HTTP request's headers included)
@@ -494,6 +494,7 @@ class Instance:
     stream: str | None
     control: str | None = None
     token: str | None = None
+    name: str = ""  # what stays the same across restarts: the lab's name, a bridge's endpoints
 
 
 def registry_dir() -> str:

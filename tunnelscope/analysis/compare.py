@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import BinaryIO
 
-from tunnelscope.capture import Reader, read_capture
 from tunnelscope.decoders import decode
 from tunnelscope.decoders.frelay import CONTROL_UI, NLPID_IPV4, NLPID_IPV6, NLPID_SNAP
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import CaptureFormatError, Direction
+from tunnelscope.formats.capture import Reader, read_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError, Direction
 
 IGNORABLE = ("l2", "vlan", "fr-address", "ttl")
 ALIASES = {"dlci": "fr-address", "fr": "fr-address", "checksum": "ttl", "hlim": "ttl"}

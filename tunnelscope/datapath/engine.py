@@ -25,8 +25,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tunnelscope import bpf, pipeline
-from tunnelscope.capture import (
+from tunnelscope.datapath import bpf, pipeline
+from tunnelscope.datapath.impairments import Impairment, ImpairmentError, chains, parse_impairment
+from tunnelscope.decoders.detect import LinkTypeDetector
+from tunnelscope.formats.capture import (
     CaptureError,
     CaptureWriter,
     Format,
@@ -35,9 +37,7 @@ from tunnelscope.capture import (
     record_payloads,
     split_records,
 )
-from tunnelscope.detect import LinkTypeDetector
-from tunnelscope.impairments import Impairment, ImpairmentError, chains, parse_impairment
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.linktype import LinkType
 from tunnelscope.nio import Endpoint, open_endpoint
 
 try:

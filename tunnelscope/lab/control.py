@@ -28,11 +28,11 @@ from enum import IntEnum
 from typing import Any
 
 from tunnelscope import __version__
-from tunnelscope.capture import CaptureError, Format
-from tunnelscope.engine import CAPTURE_POINTS, Engine, Link
-from tunnelscope.impairments import Impairment, ImpairmentError, parse_impairment
-from tunnelscope.lab import End, Lab, LabError, resolve_capture_path
-from tunnelscope.linktype import TUNNEL_LINKTYPES, LinkType
+from tunnelscope.datapath.engine import CAPTURE_POINTS, Engine, Link
+from tunnelscope.datapath.impairments import Impairment, ImpairmentError, parse_impairment
+from tunnelscope.formats.capture import CaptureError, Format
+from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
+from tunnelscope.lab.labfile import End, Lab, LabError, resolve_capture_path
 from tunnelscope.nio import EndpointError, parse_endpoint
 
 UBRIDGE_VERSION = "0.9.18"  # the ubridge whose protocol we speak; GNS3 wants >= 0.9.14

@@ -16,8 +16,8 @@ How one pass is enough: the first frames of a new link come to Python, which hol
 (bounded) until the detector decides whether the link is a tunnel and which link type it
 carries; then the pcapng IDB is written (an IDB only needs to precede its first EPB) and the
 link's two flows enter the scanner's flow table. Frames already known are copied from the input
-to the output by the scanner without Python per frame: `tunnelscope._scan.Scanner` (C) or its
-pure-Python twin `PyScanner` below, which produces identical bytes (`TUNNELSCOPE_NO_C=1` or
+to the output by the scanner without Python per frame: `tunnelscope.analysis._scan.Scanner` (C)
+or its pure-Python twin `PyScanner` below, which produces identical bytes (`TUNNELSCOPE_NO_C=1` or
 `use_c=False` forces it). Output keeps input order: frames that arrive while an earlier frame
 still waits for its link's decision wait behind it. A pending link is decided, with whatever it
 has seen, when the detector is sure, after FRAME_BUDGET frames, when it has waited HOLD_NS of
@@ -55,14 +55,14 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Union
 
-from tunnelscope import pcap, pcapng
-from tunnelscope.capture import CaptureError, read_capture
-from tunnelscope.detect import LinkTypeDetector
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import MAX_CAPLEN, CaptureFormatError, Direction
+from tunnelscope.decoders.detect import LinkTypeDetector
+from tunnelscope.formats import pcap, pcapng
+from tunnelscope.formats.capture import CaptureError, read_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import MAX_CAPLEN, CaptureFormatError, Direction
 
 if TYPE_CHECKING:
-    from tunnelscope._scan import Scanner as CScanner
+    from tunnelscope.analysis._scan import Scanner as CScanner
 
 CHUNK = 4 << 20  # input read size
 FRAME_BUDGET = 16  # frames a link may hold while its link type is being detected
@@ -122,7 +122,7 @@ def _load_c() -> ModuleType | None:
     if os.environ.get("TUNNELSCOPE_NO_C"):
         return None
     try:
-        from tunnelscope import _scan
+        from tunnelscope.analysis import _scan
     except ImportError:
         return None
     return _scan
@@ -130,7 +130,8 @@ def _load_c() -> ModuleType | None:
 
 # ---------------------------------------------------------------------------------------------
 # The scanner: bytes of input records in, output records out, unknown flows back to the caller.
-# tunnelscope/_scan.c is the same code in C; keep the two in step (tests compare their bytes).
+# tunnelscope/analysis/_scan.c is the same code in C; keep the two in step (tests compare their
+# bytes).
 
 
 def locate_udp(data: bytes, linktype: int) -> tuple[bytes, int, int, int] | int:
@@ -237,7 +238,7 @@ class _Dedupe:
 
 
 class PyScanner:
-    """Pure-Python twin of `tunnelscope._scan.Scanner` (same constructor, methods, bytes).
+    """Pure-Python twin of `tunnelscope.analysis._scan.Scanner` (same constructor, methods, bytes).
 
     `scan(buf, pos, end)` processes whole records in buf[pos:end]: records of flows in the
     table are written (pcapng EPBs, or pcap records when `output_pcapng` is false) to their
@@ -666,7 +667,7 @@ class Decap:
         self.progress = progress
         self._module = _load_c() if options.use_c is not False else None
         if options.use_c and self._module is None:
-            raise RuntimeError("the C scanner (tunnelscope._scan) is not available")
+            raise RuntimeError("the C scanner (tunnelscope.analysis._scan) is not available")
         self.links: list[_Link] = []  # tunnel links, in order of decision
         self._outputs: list[_Output] = []  # per scanner stream
         self._fds: list[int] = []  # the same, for the scanner

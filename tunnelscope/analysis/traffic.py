@@ -52,8 +52,8 @@ from enum import IntEnum
 from statistics import NormalDist
 from typing import Any
 
-from tunnelscope.capture import open_capture
-from tunnelscope.linktype import LinkType
+from tunnelscope.formats.capture import open_capture
+from tunnelscope.formats.linktype import LinkType
 from tunnelscope.nio import KIND_DGRAM, Endpoint
 
 try:

@@ -14,7 +14,13 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from tunnelscope.packet import CaptureFormatError, Interface, Packet, check_caplen, read_exact
+from tunnelscope.formats.packet import (
+    CaptureFormatError,
+    Interface,
+    Packet,
+    check_caplen,
+    read_exact,
+)
 
 MAGIC_US = 0xA1B2C3D4
 MAGIC_NS = 0xA1B23C4D

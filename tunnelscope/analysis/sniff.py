@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from tunnelscope import pcap
-from tunnelscope.decap import Decap, Options, Summary
-from tunnelscope.linktype import LinkType
+from tunnelscope.analysis.decap import Decap, Options, Summary
+from tunnelscope.formats import pcap
+from tunnelscope.formats.linktype import LinkType
 
 ETH_P_ALL = 0x0003
 SOL_PACKET, PACKET_IGNORE_OUTGOING = 263, 23  # linux/socket.h, linux/if_packet.h (Linux 4.20)

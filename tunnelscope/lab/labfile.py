@@ -16,8 +16,8 @@ from typing import Any
 
 from configobj import ConfigObj, ConfigObjError
 
-from tunnelscope.impairments import Impairment, ImpairmentError, parse_impairment
-from tunnelscope.linktype import TUNNEL_LINKTYPES, LinkType
+from tunnelscope.datapath.impairments import Impairment, ImpairmentError, parse_impairment
+from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
 from tunnelscope.nio import parse_endpoint
 from tunnelscope.nio.udp import UdpSpec
 

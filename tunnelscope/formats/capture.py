@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Union
 
-from tunnelscope import pcap, pcapng
-from tunnelscope.linktype import LinkType
-from tunnelscope.packet import CaptureFormatError, Direction, Interface
+from tunnelscope.formats import pcap, pcapng
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError, Direction, Interface
 
 Reader = Union[pcap.PcapReader, pcapng.PcapngReader]
 STALL_BYTES = 4 << 20  # a non-blocking reader this far behind has stalled

@@ -2,7 +2,7 @@
 
 It is also the fallback backend where the C extension is missing. `Loop` here and
 `tunnelscope.nio._fastpath.Loop` take the same decisions for the same seed and write the same
-capture bytes apart from timestamps (tests/test_parity.py).
+capture bytes apart from timestamps (tests/test_bridge.py runs both).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tunnelscope import bpf
-from tunnelscope.capture import CaptureWriter
-from tunnelscope.impairments import Kind, Stage, splitmix64
-from tunnelscope.packet import Direction
+from tunnelscope.datapath import bpf
+from tunnelscope.datapath.impairments import Kind, Stage, splitmix64
+from tunnelscope.formats.capture import CaptureWriter
+from tunnelscope.formats.packet import Direction
 
 BATCH = 64
 PARK_NS = 100_000_000  # a reordered frame waits at most this long

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tunnelscope.decoders import decode
-from tunnelscope.linktype import TUNNEL_LINKTYPES, LinkType
+from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
 
 DECIDED_CONFIDENCE = 0.9
 DECIDED_FRAMES = 3

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from tunnelscope import __version__
-from tunnelscope.control import ControlClient, ControlError, ControlUnavailable
-from tunnelscope.decap import Options
-from tunnelscope.linktype import LinkType
-from tunnelscope.sniff import PacketSource, Sniffer
-from tunnelscope.stream import (
+from tunnelscope.analysis.decap import Options
+from tunnelscope.analysis.sniff import PacketSource, Sniffer
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.lab.control import ControlClient, ControlError, ControlUnavailable
+from tunnelscope.lab.stream import (
     Instance,
     Request,
     StreamError,
@@ -118,11 +118,16 @@ class LinkInterface:
 
     @property
     def value(self) -> str:
-        return f"{PREFIX}{self.instance.pid}-{urllib.parse.quote(self.link, safe='')}"
+        """The same for the same lab (or bridge) and link after a restart, so Wireshark's
+        remembered interfaces and per-interface preferences keep working."""
+        owner = self.instance.name or str(self.instance.pid)
+        quote = urllib.parse.quote
+        return f"{PREFIX}{quote(owner, safe='')}-{quote(self.link, safe='')}"
 
     @property
     def display(self) -> str:
-        return f"tunnelscope {self.link} ({self.instance.kind} {self.instance.pid})"
+        owner = self.instance.name or self.instance.pid
+        return f"tunnelscope {self.link} ({self.instance.kind} {owner})"
 
 
 def link_interfaces() -> list[LinkInterface]:

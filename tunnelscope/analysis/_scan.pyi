@@ -1,8 +1,9 @@
-"""The decap fast path: tunnelscope.decap.PyScanner is its pure-Python twin (same bytes)."""
+"""The decap fast path: tunnelscope.analysis.decap.PyScanner is its pure-Python twin (same
+bytes)."""
 
 from collections.abc import Sequence
 
-from tunnelscope.decap import ScanResult
+from tunnelscope.analysis.decap import ScanResult
 
 class Scanner:
     """Copies the UDP payloads of known tunnel flows from capture records to output records."""

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from tunnelscope.packet import (
+from tunnelscope.formats.packet import (
     CaptureFormatError,
     Direction,
     Interface,

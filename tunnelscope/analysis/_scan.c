@@ -1,11 +1,11 @@
-/* tunnelscope._scan: the decap fast path.
+/* tunnelscope.analysis._scan: the decap fast path.
  *
  * Copies the UDP payloads of known tunnel flows from input capture records (classic pcap or
  * pcapng, outer link types Ethernet, Linux SLL/SLL2, raw IP) to output records (pcapng EPBs
  * or classic pcap records) without running Python per frame, and hands every frame of an
- * unknown flow back to Python. `tunnelscope.decap.PyScanner` is the pure-Python twin of
+ * unknown flow back to Python. `tunnelscope.analysis.decap.PyScanner` is the pure-Python twin of
  * `Scanner`: same arguments, same results, same bytes; the module documentation of
- * tunnelscope/decap.py describes what both do.
+ * tunnelscope/analysis/decap.py describes what both do.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -847,7 +847,7 @@ static PyMemberDef Scanner_members[] = {
 };
 
 static PyTypeObject ScannerType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelscope._scan.Scanner",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelscope.analysis._scan.Scanner",
     .tp_basicsize = sizeof(Scanner),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Copies known tunnel flows from capture records to output records.",
@@ -859,8 +859,8 @@ static PyTypeObject ScannerType = {
 };
 
 static struct PyModuleDef scan_module = {
-    PyModuleDef_HEAD_INIT, "tunnelscope._scan",
-    "The decap fast path; tunnelscope.decap.PyScanner is its pure-Python twin.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "tunnelscope.analysis._scan",
+    "The decap fast path; tunnelscope.analysis.decap.PyScanner is its pure-Python twin.", -1, NULL,
     NULL, NULL, NULL, NULL,
 };
 

@@ -1,0 +1,1 @@
+"""Offline and passive analysis: decap (with its C scanner), sniff, compare, test traffic."""

@@ -1,0 +1,1 @@
+"""Lab and control plane: lab files and port plans, the ubridge protocol, streams, extcap."""
