@@ -29,7 +29,8 @@ def test_demo_lab_results_agree(backend: str, tmp_path) -> None:
     counters = re.search(r"a2b received (\d+) forwarded (\d+) dropped 3 \(freq_drop 3\)\n", out)
     assert counters and int(counters[1]) - int(counters[2]) == 3
     # a pipe gets whole summaries, never cut at a width
-    assert "IPv4 10.0.0.1 > 10.0.0.2: ICMP echo request id 4660 seq 2  [dropped by freq_drop]" in out
+    dropped = "IPv4 10.0.0.1 > 10.0.0.2: ICMP echo request id 4660 seq 2  [dropped by freq_drop]"
+    assert dropped in out
     assert out.count("[dropped by freq_drop]") == 1  # seq 2 is among the frames shown
     assert "R1 -> R2 over Cisco HDLC: 10/10 replies" in out
     assert re.search(r"serial\.pcapng \(hdlc, \d+ frames\)", out)  # detected, not given
