@@ -21,6 +21,7 @@ from tunnelscope.formats.capture import (
     CaptureWriter,
     Format,
     RecordSink,
+    open_beneath,
     open_capture,
     read_capture,
 )
@@ -330,3 +331,43 @@ def test_a_failing_write_cuts_the_file_back_to_its_last_record(
     with open_capture(str(tmp_path / "out")) as reader:
         assert len(list(reader)) == written
     assert (tmp_path / "out").stat().st_size <= 1000
+
+
+def test_open_beneath_creates_and_truncates_a_file_inside(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    old = tmp_path / "sub" / "r1.pcap"
+    old.write_bytes(b"old capture")
+    fd = open_beneath(str(tmp_path), str(old))
+    os.write(fd, b"new")
+    os.close(fd)
+    assert old.read_bytes() == b"new"
+    fd = open_beneath(str(tmp_path), str(tmp_path / "fresh.pcap"))
+    os.close(fd)
+    assert (tmp_path / "fresh.pcap").exists()
+
+
+def test_open_beneath_follows_no_symbolic_link_and_opens_only_regular_files(
+    tmp_path: Path,
+) -> None:
+    root, outside = tmp_path / "captures", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"keep me")
+    os.symlink(outside / "victim", root / "link.pcap")  # the file itself
+    os.symlink(outside, root / "dir")  # a directory on the way
+    os.symlink(outside / "new.pcap", root / "dangling.pcap")  # would create outside
+    os.mkfifo(root / "fifo.pcap")  # must not block the open
+    os.link(outside / "victim", root / "hard.pcap")  # a second name of an outside file
+    refusals = {
+        "link.pcap": "symbolic links are not followed",
+        "dir/x.pcap": "symbolic links are not followed",
+        "dangling.pcap": "symbolic links are not followed",
+        "fifo.pcap": "not a regular file of its own",
+        "hard.pcap": "not a regular file of its own",
+        "../outside/x.pcap": "outside",
+    }
+    for name, reason in refusals.items():
+        with pytest.raises(CaptureError, match=reason):
+            open_beneath(str(root), os.path.join(str(root), name))
+    assert (outside / "victim").read_bytes() == b"keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]

@@ -19,9 +19,12 @@ from command import TUNNELSCOPE
 
 from tunnelscope.datapath.engine import Engine, available_backends
 from tunnelscope.lab.control import (
+    MAX_CONNECTIONS,
     Code,
     ControlClient,
     ControlError,
+    ControlServer,
+    Reply,
     Switchboard,
     parse_address,
     quote,
@@ -568,3 +571,118 @@ def test_hypervisor_answers_as_ubridge_and_stops_on_request(tmp_path: Path) -> N
         [*tunnelscope, "-H", "127.0.0.1:nope"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and bad.stderr.startswith("tunnelscope: error:")
+
+
+def test_a_capture_name_swapped_for_a_symlink_never_leads_outside(tmp_path: Path) -> None:
+    """Issue 15's race: between the check of a name and the open, another local user swaps
+    the file, or a directory on its way, for a symbolic link to outside."""
+    served = Service(tmp_path / "captures")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sub, target = served.captures / "sub", served.captures / "sub" / "x.pcap"
+    sub.mkdir()
+    stop, swaps = threading.Event(), [0]
+
+    def swap() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                if sub.is_symlink():
+                    sub.unlink()
+                    sub.mkdir()
+                else:
+                    target.unlink(missing_ok=True)
+                    target.symlink_to(outside / "pwn.pcap")
+                    target.unlink()
+                    sub.rmdir()
+                    sub.symlink_to(outside)
+                swaps[0] += 1
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    try:
+        with served.client() as client:
+            bridge_between(client)  # running: each start_capture opens the file at once
+            deadline, attempts = time.monotonic() + 20, 0
+            while attempts < 1500 and time.monotonic() < deadline:
+                attempts += 1
+                with contextlib.suppress(ControlError):
+                    client.request("bridge", "start_capture", "br0", str(target))
+                    client.request("bridge", "stop_capture", "br0")
+    finally:
+        stop.set()
+        swapper.join(5)
+        served.stop()
+    assert attempts > 100 and swaps[0] > 100
+    assert list(outside.iterdir()) == []
+
+
+@pytest.fixture
+def small_server() -> Iterator[ControlServer]:
+    """A control server with short timeouts, answering every request with the words it got."""
+    server = ControlServer(
+        ("127.0.0.1", 0),
+        lambda words: Reply(" ".join(words)),
+        on_stop=lambda: None,
+        line_timeout=0.5,
+        evict_idle=0.3,
+    ).start()
+    yield server
+    server.close()
+
+
+def connect(server: ControlServer) -> socket.socket:
+    return socket.create_connection(server.address, timeout=3)
+
+
+def test_idle_clients_cannot_keep_gns3_out(small_server: ControlServer) -> None:
+    squatters = [connect(small_server) for _ in range(MAX_CONNECTIONS)]
+    time.sleep(0.5)  # every slot taken by a client that never asks anything
+    address = f"{small_server.address[0]}:{small_server.address[1]}"
+    with ControlClient(address) as gns3:
+        assert gns3.request("hypervisor", "version") == ["hypervisor version"]
+        time.sleep(0.5)  # GNS3 idles too; newcomers take the squatters' slots, not its own
+        late = [connect(small_server) for _ in range(MAX_CONNECTIONS - 1)]
+        closed = 0
+        for sock in squatters:
+            sock.settimeout(2)
+            with contextlib.suppress(TimeoutError, socket.timeout, ConnectionResetError):
+                closed += sock.recv(100) == b""
+        assert closed == MAX_CONNECTIONS  # each squatter's slot went to one newcomer
+        assert gns3.request("bridge", "list") == ["bridge list"]
+    for sock in squatters + late:
+        sock.close()
+
+
+def test_busy_slots_still_refuse_a_newcomer(small_server: ControlServer) -> None:
+    clients = [connect(small_server) for _ in range(MAX_CONNECTIONS)]
+    refused = connect(small_server)  # at once: nobody has idled long enough to give way
+    assert refused.recv(100) == b"215-too many connections\r\n"
+    for sock in [*clients, refused]:
+        sock.close()
+
+
+def test_an_idle_client_is_not_closed_without_need(small_server: ControlServer) -> None:
+    with connect(small_server) as sock:
+        time.sleep(1.0)
+        sock.sendall(b"hypervisor version\n")
+        assert sock.recv(100) == b"100-hypervisor version\r\n"
+
+
+def test_a_line_never_finished_closes_the_connection_unrun() -> None:
+    seen: list[list[str]] = []
+    server = ControlServer(
+        ("127.0.0.1", 0),
+        lambda words: seen.append(words) or Reply("ok"),
+        on_stop=lambda: None,
+        line_timeout=0.5,
+    ).start()
+    try:
+        with connect(server) as sock:
+            sock.sendall(b"hypervisor version\nbridge del")
+            assert sock.recv(100) == b"100-ok\r\n"
+            started = time.monotonic()
+            assert sock.recv(100) == b""  # closed by the server
+            assert 0.3 < time.monotonic() - started < 3
+    finally:
+        server.close()
+    assert seen == [["hypervisor", "version"]]

@@ -34,6 +34,7 @@ from tunnelscope.formats.capture import (
     Format,
     RecordSink,
     Ring,
+    open_beneath,
     record_payloads,
     split_records,
 )
@@ -142,6 +143,7 @@ class CaptureState:
     file_index: int = 1
     autostopped: bool = False
     fifo: bool = False  # a named pipe: each new reader gets a fresh header
+    beneath: str | None = None  # the directory every file of this capture must stay in
     program: bpf.Program | None = None
 
     @property
@@ -225,21 +227,24 @@ class Link:
         fmt: Format | None = None,
         filter: str | None = None,
         ring: Ring | None = None,
+        beneath: str | None = None,
     ) -> CaptureState:
         """Capture to `path` ('-': stdout); linktype None detects it from the first frames.
 
         `filter` is a tcpdump expression (compiled for the link type); `ring` splits the
         capture into files named like dumpcap's and stops it by dumpcap's autostop rules.
+        `beneath` confines every file to that directory (a path a remote client named): see
+        `open_beneath`; FIFOs are then refused like any other non-regular file.
         """
         if self.primary:
             raise CaptureError(f"{self.name}: already capturing to {self.primary.path}")
         fmt = fmt or Format.for_path(path, flush_ms=10)
         ring = ring if ring and (ring.splits or ring.limits() != (0, 0, 0)) else None
         first = _ring_path(path, 1) if ring and ring.splits else path
-        fifo = _is_fifo(path)
-        fd = _open_fifo(path) if fifo else _open_output(first)
+        fifo = beneath is None and _is_fifo(path)
+        fd = _open_fifo(path) if fifo else _open_output(first, beneath)
         state = self._attach(first, fd, fmt, points, filter, linktype, ring)
-        state.path, state.fifo = path, fifo
+        state.path, state.fifo, state.beneath = path, fifo, beneath
         if ring and ring.splits:
             state.files.append(first)
         self.primary = state
@@ -421,7 +426,7 @@ class Link:
                 return
             state.file_index += 1
             path = _ring_path(state.path, state.file_index)
-            fd = _open_output(path)
+            fd = _open_output(path, state.beneath)
             if not sink.rotate(fd, state.writer.header()):
                 os.close(fd)
                 os.unlink(path)
@@ -601,9 +606,11 @@ class Engine:
         self.loop.close()
 
 
-def _open_output(path: str) -> int:
+def _open_output(path: str, beneath: str | None = None) -> int:
     if path == "-":
         return os.dup(sys.stdout.fileno())
+    if beneath is not None:
+        return open_beneath(beneath, path)
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:

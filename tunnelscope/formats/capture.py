@@ -12,6 +12,7 @@ buffering; its owner opens the next file and calls `rotate` between loop runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import struct
@@ -434,6 +435,48 @@ class CaptureWriter:
         self.sink.close()
         if self.sink.error:
             raise CaptureError(self.sink.error)
+
+
+def open_beneath(root: str, path: str) -> int:
+    """Create or truncate capture file `path` without leaving directory `root`, for writing.
+
+    A name checked first and opened later can be swapped for a symbolic link in between, so
+    the file is opened relative to a descriptor of `root`, one component at a time, following
+    no symbolic link (O_NOFOLLOW) and refusing `..`; then what was opened is checked: a
+    regular file with no other hard link, truncated only after that check. O_NONBLOCK keeps a
+    FIFO planted under the name from blocking the open. Raises CaptureError.
+    """
+    parts = os.path.relpath(path, root).split(os.sep)
+    if parts[0] in ("", ".", "..") or ".." in parts:
+        raise CaptureError(f"cannot write {path}: outside {root}")
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    part = parts[0]
+    try:
+        for part in parts[:-1]:
+            step = os.open(part, _BENEATH_DIR, dir_fd=directory)
+            os.close(directory)
+            directory = step
+        part = parts[-1]
+        fd = os.open(part, _BENEATH_FILE, 0o644, dir_fd=directory)
+    except OSError as exc:
+        reason = _NOT_OWN_FILE if exc.errno == errno.ENXIO else exc.strerror  # a FIFO
+        with contextlib.suppress(OSError):
+            if stat.S_ISLNK(os.stat(part, dir_fd=directory, follow_symlinks=False).st_mode):
+                reason = "symbolic links are not followed"
+        raise CaptureError(f"cannot write {path}: {reason}") from None
+    finally:
+        os.close(directory)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise CaptureError(f"cannot write {path}: {_NOT_OWN_FILE}")
+    os.ftruncate(fd, 0)
+    return fd
+
+
+_NOT_OWN_FILE = "not a regular file of its own"
+_BENEATH_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_BENEATH_FILE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _is_regular(fd: int) -> bool:

@@ -41,6 +41,8 @@ DEFAULT_CONTROL = f"127.0.0.1:{DEFAULT_PORT}"
 CONTROL_ENV = "TUNNELSCOPE_CONTROL"
 MAX_LINE = 512  # bytes per request, newline included (ubridge reads lines into 512 bytes)
 MAX_CONNECTIONS = 16
+LINE_TIMEOUT_S = 10.0  # a request line begun must end within this
+EVICT_IDLE_S = 5.0  # when every slot is taken, a client idle this long gives its slot up
 RATE_PERIOD = 1.0  # seconds between two rate samples
 
 
@@ -588,7 +590,13 @@ class Switchboard:
         assert bridge.link is not None
         fmt = Format(pcapng=request.pcapng, flush_ms=10)
         try:
-            bridge.link.start_capture(request.path, request.linktype, request.point, fmt)
+            bridge.link.start_capture(
+                request.path,
+                request.linktype,
+                request.point,
+                fmt,
+                beneath=os.path.realpath(self.captures),
+            )
         except CaptureError as exc:
             raise ControlError(Code.FILE, str(exc)) from None
 
@@ -864,12 +872,24 @@ def handle_line(raw: bytes, execute: Callable[[list[str]], Reply]) -> Reply:
         return Reply(exc.text, code=exc.code)
 
 
+@dataclass(eq=False)
+class _Client:
+    """One control connection and what eviction and the line timeout need to know of it."""
+
+    sock: socket.socket
+    last: float  # when its last request was answered (or it connected)
+    requests: int = 0
+
+
 class ControlServer:
     """Accepts clients on HOST:PORT; a thread per connection turns lines into replies.
 
     A line longer than MAX_LINE, bad quoting, bytes that are not text: an error reply, and
     the connection goes on. A client that leaves mid-line leaves nothing behind: a partial
-    line is never executed.
+    line is never executed, and one not finished within `line_timeout` closes the connection.
+    An idle connection is never closed for idling (GNS3 keeps its one connection open all
+    session long), but when every slot is taken a newcomer takes the slot of the client idle
+    longest, those that never sent a request first, so idle clients cannot lock GNS3 out.
     """
 
     def __init__(
@@ -878,11 +898,15 @@ class ControlServer:
         execute: Callable[[list[str]], Reply],
         on_stop: Callable[[], None],
         log: Callable[[str], None] | None = None,
+        line_timeout: float = LINE_TIMEOUT_S,
+        evict_idle: float = EVICT_IDLE_S,
     ) -> None:
         self.execute = execute
         self.on_stop = on_stop
         self.log = log
-        self._clients: set[socket.socket] = set()
+        self.line_timeout = line_timeout
+        self.evict_idle = evict_idle
+        self._clients: set[_Client] = set()
         self._lock = threading.Lock()
         self._closing = False
         self.sock = listen_tcp(address, "control", MAX_CONNECTIONS)
@@ -899,30 +923,45 @@ class ControlServer:
         with self._lock:
             for client in self._clients:
                 with contextlib.suppress(OSError):
-                    client.shutdown(socket.SHUT_RDWR)
+                    client.sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(2)
         self.sock.close()
 
     def _accept(self) -> None:
         while not self._closing:
             try:
-                client, _ = self.sock.accept()
+                sock, _ = self.sock.accept()
             except (TimeoutError, socket.timeout):
                 continue
             except OSError:
                 break
+            client = _Client(sock, time.monotonic())
             with self._lock:
-                full = len(self._clients) >= MAX_CONNECTIONS
-                if not full:
+                admitted = len(self._clients) < MAX_CONNECTIONS or self._evict_one()
+                if admitted:
                     self._clients.add(client)
-            if full:
+            if not admitted:
                 with contextlib.suppress(OSError):
-                    client.sendall(Reply("too many connections", code=Code.UNSPECIFIED).encode())
-                client.close()
+                    sock.sendall(Reply("too many connections", code=Code.UNSPECIFIED).encode())
+                sock.close()
                 continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _serve(self, client: socket.socket) -> None:
+    def _evict_one(self) -> bool:
+        """Free the slot of the client idle longest, if one has idled `evict_idle` (locked)."""
+        now = time.monotonic()
+        idle = [c for c in self._clients if now - c.last >= self.evict_idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: (c.requests > 0, c.last))
+        self._clients.discard(victim)
+        with contextlib.suppress(OSError):
+            victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
+        if self.log:
+            self.log("closed an idle connection: its slot was needed")
+        return True
+
+    def _serve(self, client: _Client) -> None:
         try:
             self._converse(client)
         except OSError:
@@ -930,15 +969,24 @@ class ControlServer:
         finally:
             with self._lock:
                 self._clients.discard(client)
-            client.close()
+            client.sock.close()
 
-    def _converse(self, client: socket.socket) -> None:
+    def _converse(self, client: _Client) -> None:
         buffer = bytearray()
         overlong = False  # inside a line already refused as too long
+        started = 0.0  # when the unfinished line in `buffer` began
+        client.sock.settimeout(min(1.0, self.line_timeout))
         while not self._closing:
-            data = client.recv(4096)
+            try:
+                data = client.sock.recv(4096)
+            except (TimeoutError, socket.timeout):
+                if (buffer or overlong) and time.monotonic() - started > self.line_timeout:
+                    return  # a half-sent line that never ends: the slot goes back
+                continue
             if not data:
                 return
+            if not buffer and not overlong:
+                started = time.monotonic()
             buffer += data
             while True:
                 end = buffer.find(b"\n")
@@ -951,6 +999,7 @@ class ControlServer:
                     break
                 line = bytes(buffer[:end])
                 del buffer[: end + 1]
+                started = time.monotonic()
                 if overlong or end + 1 > MAX_LINE:
                     if not overlong:
                         self._send(client, _too_long())
@@ -960,17 +1009,19 @@ class ControlServer:
                     self.log(f"<- {line.decode('utf-8', 'replace')}")
                 reply = handle_line(line, self.execute)
                 self._send(client, reply)
+                client.requests += 1
+                client.last = time.monotonic()
                 if reply.action == "close":
                     return
                 if reply.action == "stop":
                     self.on_stop()
                     return
 
-    def _send(self, client: socket.socket, reply: Reply) -> None:
+    def _send(self, client: _Client, reply: Reply) -> None:
         if self.log:
             for line in reply.lines():
                 self.log(f"-> {line}")
-        client.sendall(reply.encode())
+        client.sock.sendall(reply.encode())
 
 
 def listen_tcp(address: tuple[str, int], what: str, backlog: int) -> socket.socket:

@@ -137,14 +137,19 @@ def default_link_name(a: End, b: End) -> str:
 def resolve_capture_path(captures: str, name: str) -> str:
     """The absolute path of capture `name` inside `captures`; refuses to leave the directory.
 
-    Relative names land in the directory; absolute ones must already point inside it (GNS3
-    sends absolute paths). Symbolic links are resolved before the check.
+    Relative names land in the directory; absolute ones must point inside it (GNS3 sends
+    absolute paths). Directories on the way are resolved (the captures directory may be
+    reached through a symbolic link); the file itself is not: it is opened later with
+    `open_beneath`, which follows no symbolic link, so a name swapped for one after this
+    check still cannot lead outside.
     """
-    if not name or "\0" in name or name in (".", ".."):
+    joined = os.path.join(os.path.realpath(captures), name)
+    base = os.path.basename(joined)
+    if not name or "\0" in name or base in ("", ".", ".."):
         raise LabError(f"invalid capture file name {name!r}")
     root = os.path.realpath(captures)
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root or path == root:
+    path = os.path.join(os.path.realpath(os.path.dirname(joined)), base)
+    if os.path.commonpath([root, path]) != root:
         raise LabError(f"capture file {name!r} is outside the captures directory {root}")
     if os.path.isdir(path):
         raise LabError(f"capture file {name!r} is a directory")
