@@ -17,7 +17,14 @@ from command import TUNNELSCOPE
 
 from tunnelscope.datapath.engine import Engine, Link
 from tunnelscope.formats.linktype import LinkType
-from tunnelscope.lab.stream import Request, StreamError, StreamServer, connect, parse_request
+from tunnelscope.lab.stream import (
+    Request,
+    StreamError,
+    StreamServer,
+    connect,
+    parse_request,
+    required_token,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -195,3 +202,49 @@ def test_requests_errors_and_the_token() -> None:
             assert done.returncode == 2
             assert done.stderr.startswith("tunnelscope: error: ")
             assert len(done.stderr.splitlines()) == 1
+
+
+def test_off_loopback_an_empty_token_is_refused_and_no_token_is_explicit() -> None:
+    assert required_token("127.0.0.1", "") is None
+    assert required_token("::1", "s3cret") == "s3cret"
+    assert len(required_token("0.0.0.0", None) or "") >= 16  # generated
+    with pytest.raises(ValueError, match="--no-token"):
+        required_token("0.0.0.0", "")
+    assert required_token("0.0.0.0", "", no_token=True) is None
+    with served(host="0.0.0.0", token=None) as (_, server, _, _):
+        assert server.token and server.exposure_warning is None
+
+
+@pytest.mark.parametrize("command", ["bridge", "serve"])
+def test_the_cli_refuses_an_empty_token_off_loopback_before_anything_runs(
+    command: str, tmp_path: Path
+) -> None:
+    pa, la, lb, pb = peers.free_udp_ports(4)
+    a, b = f"udp:{la}:127.0.0.1:{pa}", f"udp:{lb}:127.0.0.1:{pb}"
+    lab = tmp_path / "lab.toml"
+    ends = f'a_endpoint = "{a}"\nb_endpoint = "{b}"\n'
+    lab.write_text('[[link]]\na = "R1 f0/0"\nb = "R2 f0/0"\n' + ends)
+    words = {
+        "bridge": ["bridge", a, b, "-w", str(tmp_path / "x.pcap"), "--duration", "1"],
+        "serve": ["serve", str(lab), "--control", "127.0.0.1:0"],
+    }[command]
+    refused = subprocess.run(
+        [*TUNNELSCOPE, *words, "--stream", "0.0.0.0:0", "--stream-token", ""],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("tunnelscope: error: an empty stream token on 0.0.0.0")
+    assert len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "x.pcap").exists()
+    if command == "bridge":
+        open_stream = subprocess.run(
+            [*TUNNELSCOPE, *words, "--stream", "0.0.0.0:0", "--no-token"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert open_stream.returncode == 0, open_stream.stderr
+        assert "need no token: anyone who can reach the port may watch" in open_stream.stderr

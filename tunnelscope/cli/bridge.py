@@ -18,7 +18,7 @@ from tunnelscope.datapath.impairments import ImpairmentError
 from tunnelscope.formats.capture import CaptureError, Format, Ring
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.lab.control import parse_address
-from tunnelscope.lab.stream import Instance, StreamServer, registered
+from tunnelscope.lab.stream import Instance, StreamServer, registered, required_token
 from tunnelscope.nio import EndpointError
 
 
@@ -105,6 +105,11 @@ from tunnelscope.nio import EndpointError
     envvar="TUNNELSCOPE_STREAM_TOKEN",
     help="The token stream clients must give (generated off loopback when not given).",
 )
+@click.option(
+    "--no-token",
+    is_flag=True,
+    help="Serve the stream off loopback without a token: anyone who reaches it may watch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on exit.")
 def bridge(
     a: str,
@@ -128,6 +133,7 @@ def bridge(
     gso: bool,
     stream: str,
     stream_token: str | None,
+    no_token: bool,
     as_json: bool,
 ) -> None:
     """Bridge endpoint A to endpoint B, impairing and capturing on the way.
@@ -162,6 +168,8 @@ def bridge(
             raise ValueError(f"{viewer} is not installed (needed by --{viewer})")
         if (ring or autostop or count) and not path:
             raise ValueError("-b, -a and -c need a capture file (-w FILE)")
+        if stream != "off":  # a token refused stops everything; other stream failures warn
+            required_token(parse_address(stream)[0], stream_token, no_token)
         engine = Engine(backend, gso=gso)
     except (ImpairmentError, ValueError) as exc:
         raise Failure(str(exc)) from None
@@ -194,7 +202,7 @@ def bridge(
         signal.signal(signum, lambda *_: engine.stop())
     report = sys.stderr if path == "-" else sys.stdout
     with contextlib.ExitStack() as exits:
-        streams = _serve_streams(engine, stream, stream_token, f"{a}--{b}", exits)
+        streams = _serve_streams(engine, stream, stream_token, no_token, f"{a}--{b}", exits)
         engine.run(
             duration=duration,
             every=stats_every,
@@ -228,13 +236,18 @@ def _start_viewer(viewer: str, name: str) -> subprocess.Popen:
 
 
 def _serve_streams(
-    engine: Engine, where: str, token: str | None, name: str, exits: contextlib.ExitStack
+    engine: Engine,
+    where: str,
+    token: str | None,
+    no_token: bool,
+    name: str,
+    exits: contextlib.ExitStack,
 ) -> StreamServer | None:
     """Live captures over TCP, announced to the Wireshark extcap; a failure only warns."""
     if where == "off":
         return None
     try:
-        streams = StreamServer(engine, parse_address(where), token).start()
+        streams = StreamServer(engine, parse_address(where), token, no_token=no_token).start()
         exits.enter_context(
             registered(Instance(os.getpid(), "bridge", streams.where, None, streams.token, name))
         )
@@ -245,6 +258,8 @@ def _serve_streams(
         click.echo(f"tunnelscope: stream on {streams.where}", err=True)
         if streams.token and not token:
             click.echo(f"tunnelscope: stream token {streams.token}", err=True)
+        if streams.exposure_warning:
+            click.echo(f"tunnelscope: warning: {streams.exposure_warning}", err=True)
     return streams
 
 

@@ -24,7 +24,7 @@ from tunnelscope.lab.control import (
     run_service,
 )
 from tunnelscope.lab.labfile import Lab, LabError, load_lab
-from tunnelscope.lab.stream import Instance, StreamServer, registered
+from tunnelscope.lab.stream import Instance, StreamServer, registered, required_token
 from tunnelscope.nio import EndpointError
 
 
@@ -55,6 +55,11 @@ from tunnelscope.nio import EndpointError
     envvar="TUNNELSCOPE_STREAM_TOKEN",
     help="The token stream clients must give (default off loopback: generated, printed).",
 )
+@click.option(
+    "--no-token",
+    is_flag=True,
+    help="Serve streams off loopback without a token: anyone who reaches them may watch.",
+)
 @click.option("--captures", metavar="DIR", help="Capture directory (default: the lab's).")
 @click.option("--seed", type=int, help="Seed of the random impairments (link N gets SEED+N).")
 @click.option(
@@ -68,6 +73,7 @@ def serve(
     control: str,
     stream: str,
     stream_token: str | None,
+    no_token: bool,
     captures: str | None,
     seed: int | None,
     backend: str,
@@ -94,6 +100,8 @@ def serve(
         lab = load_lab(lab_file, captures)
         address = parse_address(control)
         stream_address = None if stream == "off" else parse_address(stream)
+        if stream_address:
+            required_token(stream_address[0], stream_token, no_token)  # refused: nothing runs
     except (LabError, ValueError) as exc:
         raise Failure(str(exc)) from None
     if dry_run:
@@ -119,7 +127,7 @@ def serve(
     if stream_address is not None:
         try:
             streams = StreamServer(
-                engine, stream_address, stream_token, _encapsulations(switchboard)
+                engine, stream_address, stream_token, _encapsulations(switchboard), no_token
             )
         except OSError as exc:
             switchboard.close()
@@ -136,6 +144,8 @@ def serve(
         if streams is not None:
             token = f"  (token {streams.token})" if streams.token else ""
             click.echo(f"stream on {streams.where}{token}")
+            if streams.exposure_warning:
+                click.echo(f"tunnelscope: warning: {streams.exposure_warning}", err=True)
         warning = exposure_warning(bound)
         if warning:
             click.echo(f"tunnelscope: warning: {warning}", err=True)

@@ -168,6 +168,25 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def required_token(host: str, token: str | None, no_token: bool = False) -> str | None:
+    """The token a stream server on `host` asks of its clients; None: no token.
+
+    On loopback only a token given is asked. Off loopback a token is generated when none is
+    given, and an empty one is refused (ValueError): it would serve every link's live capture
+    to anyone who can reach the port. `no_token` asks for exactly that, explicitly.
+    """
+    if is_loopback(host) or no_token:
+        return token or None
+    if token is None:
+        return secrets.token_urlsafe(16)
+    if not token:
+        raise ValueError(
+            f"an empty stream token on {host} would serve every link to anyone who can reach"
+            " it; give a token, or --no-token to serve without one"
+        )
+    return token
+
+
 # --- the server ------------------------------------------------------------------------------
 
 
@@ -184,8 +203,8 @@ class StreamServer:
     """Serves the links of `engine` to TCP clients at `address`, each with its own capture.
 
     Off loopback a token is required: `token` or, when None, a generated one (read it from
-    `.token` to print it). `encapsulation(name)` gives a link's configured link type, used
-    when the request names none.
+    `.token` to print it); see `required_token`. `encapsulation(name)` gives a link's
+    configured link type, used when the request names none.
     """
 
     def __init__(
@@ -194,12 +213,11 @@ class StreamServer:
         address: tuple[str, int],
         token: str | None = None,
         encapsulation: Callable[[str], LinkType | None] | None = None,
+        no_token: bool = False,
     ) -> None:
         self.engine = engine
         self.encapsulation = encapsulation or (lambda name: None)
-        if token is None and not is_loopback(address[0]):
-            token = secrets.token_urlsafe(16)
-        self.token = token
+        self.token = required_token(address[0], token, no_token)
         self.sock = listen_tcp(address, "stream", MAX_CLIENTS)
         self.sock.settimeout(WATCH_PERIOD)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
@@ -210,6 +228,16 @@ class StreamServer:
             threading.Thread(target=self._accept, name="stream-accept", daemon=True),
             threading.Thread(target=self._watch, name="stream-watch", daemon=True),
         ]
+
+    @property
+    def exposure_warning(self) -> str | None:
+        """Said every time streams off loopback ask no token (`no_token`)."""
+        if self.token is None and not is_loopback(self.address[0]):
+            return (
+                f"streams on {self.where} need no token: anyone who can reach the port may"
+                " watch every link"
+            )
+        return None
 
     @property
     def where(self) -> str:
