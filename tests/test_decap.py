@@ -317,6 +317,39 @@ def test_dedupe_keeps_repeats_on_one_flow_and_copies_outside_the_window(tmp_path
     assert summary["duplicates"] == 0 and summary["written"] == ROUNDS
 
 
+def test_dedupe_compares_times_past_2_to_the_63_ns_as_numbers(tmp_path: Path, backend: str):
+    """pcapng times are 64 bits: two copies 2^64 - 2 us apart are no duplicates, though a
+    signed 64-bit difference of their times says -2 us."""
+    blocks = pcapng.section_header() + pcapng.interface_description(1, "lo")
+    for ts, sport, dport in [(1000, 10001, 10002), (2**64 - 1000, 10003, 10004)]:
+        frame = outer("ether", "127.0.0.1", "127.0.0.1", sport, dport, inner("hdlc", 7))
+        blocks += pcapng.enhanced_packet(0, ts, frame, len(frame))
+    (tmp_path / "far.pcapng").write_bytes(blocks)
+    summary = run_json(str(tmp_path / "far.pcapng"), "-w", str(tmp_path / "d.pcapng"), "--dedupe")
+    assert (summary["written"], summary["duplicates"]) == (2, 0)
+
+
+@tshark.required
+def test_split_writes_a_time_past_2106_as_the_last_one_pcap_holds(tmp_path: Path, backend: str):
+    """ts_sec = ts_usec = 0xFFFFFFFF (tshark reads it) goes to a classic pcap --split file
+    as 2106-02-07 06:28:15.999999, the latest time the format holds; pcapng keeps it."""
+    frame = outer("ether", *V4, 10001, 10002, inner("ethernet", 1))
+    data = pcap.global_header(1) + struct.pack("<IIII", 0xFFFFFFFF, 0xFFFFFFFF, len(frame),
+                                               len(frame)) + frame  # fmt: skip
+    (tmp_path / "late.pcap").write_bytes(data)
+    summary = run_json(str(tmp_path / "late.pcap"), "--split", str(tmp_path / "links"))
+    [link] = summary["links"]
+    with open_capture(link["file"]) as reader:
+        [packet] = list(reader)
+    assert packet.ts_ns == 0xFFFFFFFF * 10**9 + 999_999_000
+    assert tshark.fields(link["file"], ["frame.time_epoch"])[0]["frame.time_epoch"] == [
+        "4294967295.999999000"
+    ]
+    run_json(str(tmp_path / "late.pcap"), "-w", str(tmp_path / "late.pcapng"))
+    with open_capture(str(tmp_path / "late.pcapng")) as reader:
+        assert [p.ts_ns for p in reader] == [0xFFFFFFFF * 10**9 + 0xFFFFFFFF * 1000]
+
+
 # Edge cases of the outer layers ------------------------------------------------------------
 
 

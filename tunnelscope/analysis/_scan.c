@@ -302,11 +302,19 @@ static void index_delete(Scanner *s, size_t i)
     s->index[i] = 0;
 }
 
+/* later - earlier > window, on the full unsigned range (timestamps reach 2^64 - 1 ns, so a
+ * signed difference would wrap), as decap.py's Python integers compare. */
+static int later_by_more(uint64_t later, uint64_t earlier, uint64_t window)
+{
+    return later > earlier && later - earlier > window;
+}
+
 static int duplicate(Scanner *s, const uint8_t *p, size_t n, uint64_t ts, uint64_t flow)
 {
+    uint64_t window = (uint64_t)s->window;
     while (s->ring_head < s->ring_next) {
         Kept *old = &s->ring[s->ring_head & (DEDUPE_CAPACITY - 1)];
-        if (!((int64_t)(ts - old->ts) > s->window ||
+        if (!(later_by_more(ts, old->ts, window) ||
               s->ring_next - s->ring_head >= DEDUPE_CAPACITY))
             break;
         Py_ssize_t at = index_find(s, old->hash);
@@ -318,10 +326,8 @@ static int duplicate(Scanner *s, const uint8_t *p, size_t n, uint64_t ts, uint64
     Py_ssize_t at = index_find(s, hash);
     if (at >= 0) {
         Kept *seen = &s->ring[(s->index[at] - 1) & (DEDUPE_CAPACITY - 1)];
-        int64_t age = (int64_t)(ts - seen->ts);
-        if (age < 0)
-            age = -age;
-        if (seen->flow != flow && age <= s->window)
+        if (seen->flow != flow && !later_by_more(ts, seen->ts, window) &&
+            !later_by_more(seen->ts, ts, window))
             return 1;
     }
     uint64_t seq = s->ring_next++;
@@ -392,6 +398,8 @@ static int emit(Scanner *s, const Flow *flow, uint64_t ts, const uint8_t *data, 
         put32(p, total);
     } else {
         uint64_t sec = ts / 1000000000u, frac = ts % 1000000000u;
+        if (sec > UINT32_MAX) /* past 2106: the last time a record holds, as pcap.record */
+            sec = UINT32_MAX, frac = 999999999u;
         if (!(p = reserve(s, out, 16 + caplen)))
             return -1;
         p = put32(p, (uint32_t)sec);

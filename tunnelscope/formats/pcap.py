@@ -28,6 +28,7 @@ DEFAULT_SNAPLEN = 262144
 
 _GLOBAL = struct.Struct("<IHHiIII")
 _RECORD = struct.Struct("<IIII")
+_LAST_TIME = (0xFFFFFFFF, 999_999_999)  # the latest (seconds, nanoseconds) a record holds
 
 
 def global_header(linktype: int, snaplen: int = DEFAULT_SNAPLEN, nanosecond: bool = False) -> bytes:
@@ -35,7 +36,9 @@ def global_header(linktype: int, snaplen: int = DEFAULT_SNAPLEN, nanosecond: boo
 
 
 def record(ts_ns: int, data: bytes, orig_len: int | None = None, nanosecond: bool = False) -> bytes:
-    sec, frac = divmod(ts_ns, 1_000_000_000)
+    """A record; a time past the classic format's last second (2106-02-07 06:28:15 UTC) is
+    written as that second's end, as decap's C scanner writes it (pcapng holds it exactly)."""
+    sec, frac = min(divmod(ts_ns, 1_000_000_000), _LAST_TIME)
     if not nanosecond:
         frac //= 1000
     length = len(data)
