@@ -7,12 +7,15 @@ tests/test_pipeline.py is the frame-by-frame reference these must agree with.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -351,3 +354,40 @@ def test_gso_still_delivers_one_datagram_per_frame_in_order() -> None:
         stats = t.settle(len(frames))
     assert got == frames
     assert stats["forwarded"] == len(frames)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a disk that fills up after a few hundred frames (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("fmt", [Format(flush_ms=10), Format(pcapng=True, flush_ms=None)])
+def test_a_full_disk_reports_the_frames_the_file_holds(
+    backend: str, small_disk: Path, fmt: Format
+) -> None:
+    path = small_disk / ("full.pcapng" if fmt.pcapng else "full.pcap")
+    with lab(backend) as t:
+        state = t.link.start_capture(str(path), LinkType.ETHERNET, "pre", fmt)
+        sent = 0
+        while sent < 1000:  # 300 kB: the disk fills a fifth of the way
+            t.send(t.peer_a, numbered(50, size=300, start=sent + 1))
+            sent += 50
+            assert len(t.receive(t.peer_b, 50)) == 50  # the link goes on meanwhile
+        deadline = time.monotonic() + 3
+        while t.link.capture is not None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the engine notices between loop runs
+        assert t.link.capture is None and "No space left" in (state.error or "")
+    with open_capture(str(path)) as reader:  # valid: it ends on a whole record
+        in_file = [numbers([p.data])[0] for p in reader]
+    assert 50 < len(in_file) < sent
+    assert state.frames == len(in_file)
+    assert in_file == list(range(1, len(in_file) + 1))

@@ -8,8 +8,13 @@ must equal tshark's frame.protocols without its "ethertype" and "data" entries.
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import pytest
 import tshark
+from command import TUNNELSCOPE
+from scapy.layers.ppp import HDLC, PPP, PPP_CHAP_ChallengeResponse, PPP_PAP_Request
 from test_decoders_frames import (
     chdlc_frames,
     ethernet_frames,
@@ -119,3 +124,32 @@ def test_ppp_direction_byte_agrees_with_tshark(tmp_path) -> None:
             expected = [tshark.value(text) for text in row[field]]
             assert _as_tshark(decoded.fields.get(field)) == expected, field
     assert [decode(204, frame).fields["frame.p2p_dir"] for frame in frames] == [1, 0, 0]
+
+
+HOSTILE = b"R1\nfake line\x1b[31m\x07\x7f\xc2\x85\xff caf\xc3\xa9"
+
+
+@tshark.required
+def test_names_from_frames_are_escaped_as_tshark_escapes_them(tmp_path) -> None:
+    """A PAP peer-id or CHAP name with a newline would split a line; ANSI escapes would
+    reach the terminal. Both are shown as tshark's Info column shows them."""
+    frames = [
+        bytes(HDLC() / PPP() / PPP_PAP_Request(id=1, username=HOSTILE, password=b"pw")),
+        bytes(HDLC() / PPP() / PPP_CHAP_ChallengeResponse(id=2, value=b"0", optional_name=HOSTILE)),
+    ]
+    path = write_pcap(tmp_path / "hostile.pcap", LinkType.PPP_SERIAL, frames)
+    infos = [row["_ws.col.Info"][0] for row in tshark.fields(path, ["_ws.col.Info"])]
+    theirs = [re.search(r"(?:Peer-ID|NAME)='(.*?)'", info)[1] for info in infos]  # type: ignore[index]
+    assert theirs[0] == "R1\\nfake line\\033[31m\\a\\177\\u0085\ufffd café"
+    assert theirs[1].endswith("...")  # tshark cuts the CHAP name short in Info
+    for frame, name, word in zip(frames, theirs, ["peer-id", "name"]):
+        decoded = decode(LinkType.PPP_SERIAL, frame)
+        assert f"{word} {name.removesuffix('...')[:-1]}" in decoded.summary  # cut mid-character
+        assert decoded.summary.isprintable()
+    assert decode(LinkType.PPP_SERIAL, frames[0]).fields["pap.peer_id"] == HOSTILE.decode(
+        "utf-8", "replace"
+    )  # fields keep the value; only what is printed as a line is escaped
+    shown = subprocess.run(
+        [*TUNNELSCOPE, "decode", path], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert len(shown.stdout.splitlines()) == 2 and "\x1b" not in shown.stdout

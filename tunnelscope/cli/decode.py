@@ -17,6 +17,7 @@ import click
 
 from tunnelscope.cli.common import Failure
 from tunnelscope.decoders import decode as decode_frame
+from tunnelscope.decoders.base import printable
 from tunnelscope.formats.capture import Reader, open_capture
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.formats.packet import CaptureFormatError, Direction, Packet
@@ -155,12 +156,12 @@ def _line(frame: dict[str, Any], packet: Packet, reader: Reader) -> str:
     else:
         stamp = f"{fraction // 1000:06d}"
     parts = [time.strftime("%H:%M:%S", time.localtime(seconds)) + "." + stamp]
-    parts.append(frame["interface"] or frame["linktype"])
+    parts.append(printable(frame["interface"] or frame["linktype"]))  # names from the file
     if frame["direction"]:
         parts.append(_ARROWS[frame["direction"]])
     parts.append(frame["summary"])
     if frame["comment"]:
-        parts.append(f"# {frame['comment']}")
+        parts.append(f"# {printable(frame['comment'])}")
     return " ".join(parts)
 
 

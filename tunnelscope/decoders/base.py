@@ -76,6 +76,37 @@ class Builder:
         return Decoded(linktype, summary, self.fields, self.protocols, self._problem is not None)
 
 
+_C_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r"}
+
+
+def frame_text(raw: bytes) -> str:
+    """Text a frame carries (a CHAP name, a CDP device ID) made safe for one summary line.
+
+    As tshark's Info column shows it: UTF-8 with bad bytes as U+FFFD, C escapes for control
+    characters (`\\n`, `\\033`, `\\177`, `\\u0085`), so a name can neither split a line
+    nor send escape sequences to a terminal.
+    """
+    return printable(raw.decode("utf-8", "replace"))
+
+
+def printable(text: str) -> str:
+    """`frame_text` for text already decoded (a pcapng comment, an interface name)."""
+    if text.isprintable():
+        return text
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code in _C_ESCAPES:
+        return _C_ESCAPES[code]
+    if code < 0x20 or code == 0x7F:
+        return f"\\{code:03o}"
+    if not char.isprintable():
+        return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return char
+
+
 def name_of(table: dict[int, str], number: int, kind: str) -> str:
     """A name for the summary, also for numbers the table does not know."""
     return table.get(number) or f"{kind} {number:#x}"

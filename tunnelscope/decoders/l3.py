@@ -19,7 +19,7 @@ import struct
 
 import dpkt
 
-from tunnelscope.decoders.base import Builder, name_of
+from tunnelscope.decoders.base import Builder, frame_text, name_of
 
 # dpkt reports short headers with UnpackError; odd option bytes can surface as the others.
 _DPKT_ERRORS = (dpkt.UnpackError, struct.error, IndexError, ValueError)
@@ -343,9 +343,9 @@ def cdp(b: Builder, data: bytes) -> None:
             break
         if kind in _CDP_STRINGS:
             name, word = _CDP_STRINGS[kind]
-            value = data[offset + 4 : offset + length].decode("ascii", "replace")
-            b.fields[name] = value
+            value = data[offset + 4 : offset + length]
+            b.fields[name] = value.decode("utf-8", "replace")
             if word:
-                words.append(f"{word} {value}")
+                words.append(f"{word} {frame_text(value)}")
         offset += length
     b.text(" ".join(words))

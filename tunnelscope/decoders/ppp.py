@@ -18,7 +18,7 @@ import socket
 import struct
 
 from tunnelscope.decoders import chdlc, l3
-from tunnelscope.decoders.base import Builder, name_of
+from tunnelscope.decoders.base import Builder, frame_text, name_of
 
 PROTOCOL_LCP = 0xC021
 _CONTROL_PROTOCOLS = {
@@ -173,10 +173,10 @@ def _auth(b: Builder, proto: int, data: bytes) -> None:
     if not (b.need(body, 1, what) and b.need(body, 1 + body[0], what)):
         return
     if prefix == "pap":
-        peer = body[1 : 1 + body[0]].decode("ascii", "replace")
-        b.fields["pap.peer_id"] = peer
-        b.text(f"peer-id {peer}")
+        peer = body[1 : 1 + body[0]]
+        b.fields["pap.peer_id"] = peer.decode("utf-8", "replace")
+        b.text(f"peer-id {frame_text(peer)}")
     else:
-        chap_name = body[1 + body[0] :].decode("ascii", "replace")
-        b.fields["chap.name"] = chap_name
-        b.text(f"name {chap_name}")
+        chap_name = body[1 + body[0] :]
+        b.fields["chap.name"] = chap_name.decode("utf-8", "replace")
+        b.text(f"name {frame_text(chap_name)}")

@@ -163,6 +163,8 @@ class RecordSink:
         self._file_frames = 0  # records in the open (last) file
         self._written = 0  # bytes of the current file already written
         self._cuts: list[int] = []  # offsets in the buffer where a finished file ends
+        self._cut_frames: list[int] = []  # `frames` when each of those files ended
+        self._frames_out = 0  # frames whose records are all written: what a write error leaves
 
     @property
     def header_pending(self) -> bool:
@@ -182,6 +184,7 @@ class RecordSink:
             self.frames -= min(self._file_frames, self.frames)
             self._buffer.clear()
             self._cuts.clear()
+            self._cut_frames.clear()
             self._file_frames = 0
             self._oldest_unflushed = None
 
@@ -203,6 +206,7 @@ class RecordSink:
         """End the current file here: the next record starts a new one."""
         if not self.closed:
             self._cuts.append(len(self._buffer))
+            self._cut_frames.append(self.frames)
             self._file_frames = 0
 
     def admit(self) -> bool:
@@ -274,14 +278,18 @@ class RecordSink:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, self._offset)
             self.error = f"capture stopped: {exc.strerror}"
+            self.frames = self._frames_out  # what the file holds, not what was offered
             self._release()
             return
+        if done == head:
+            self._frames_out = self._cut_frames[0] if self._cut_frames else self.frames
         self._offset += done
         self._written += done
         del self._buffer[:done]
         self._cuts = [cut - done for cut in self._cuts]
         if self.blocked and len(self._buffer) > STALL_BYTES:
             self.error = "reader stalled"
+            self.frames = self._frames_out
             self._release()
             return
         self._oldest_unflushed = time.monotonic() if self._buffer else None
@@ -300,6 +308,7 @@ class RecordSink:
         self._seekable = _is_regular(fd)
         self._offset = self._written = 0
         self._cuts.pop(0)
+        self._cut_frames.pop(0)
         self._buffer[:0] = header
         self._cuts = [cut + len(header) for cut in self._cuts]
         self.appended()
@@ -314,6 +323,7 @@ class RecordSink:
         self.closed = True
         self._buffer.clear()
         self._cuts.clear()
+        self._cut_frames.clear()
         if self._close_fd:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
