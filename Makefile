@@ -12,8 +12,12 @@
 #               LD_PRELOADed, and leak detection is off (ASAN_OPTIONS=detect_leaks=0: CPython
 #               keeps memory until exit by design). Any sanitizer report aborts the run and
 #               fails the target.
+#   make fuzz   the fuzz harness (tests/fuzz.py): FUZZ_COUNT inputs (default 1,000,000) on
+#               each target: decoders, capture readers, C-vs-Python decap scanners, control
+#               lines. A failing input is kept in build/fuzz/.
 #
-# Variables: PYTHON (default .venv/bin/python when it exists, else python3), CC (default gcc), ASAN_TESTS (test files to run),
+# Variables: PYTHON (default .venv/bin/python when it exists, else python3), CC (default gcc),
+# ASAN_TESTS (test files to run),
 # ASAN_PYTEST_ARGS (default: skip the bridge tests' pure-Python backend, which runs no C and
 # is too slow under the preloaded ASan allocator for its 20,000-frame bursts).
 
@@ -26,10 +30,15 @@ ASAN_DIR := build/asan
 SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer
 ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libubsan.so)
 
-.PHONY: ext asan
+FUZZ_COUNT ?= 1000000
+
+.PHONY: ext asan fuzz
 
 ext:
 	$(PYTHON) setup.py build_ext --inplace
+
+fuzz:
+	$(PYTHON) tests/fuzz.py --count $(FUZZ_COUNT)
 
 asan:
 	rm -rf $(ASAN_DIR)

@@ -1,0 +1,260 @@
+"""The fuzz harness: mutated inputs, seeded from captures/, against what reads untrusted bytes.
+
+Targets (each input must end in a result or the one documented error, never anything else):
+  decoders  frames of every link type -> `decode`: no exception, a one-line printable summary
+  readers   capture files -> `read_capture`: packets, or CaptureFormatError
+  decap     host captures of tunnels -> the C and the Python decap scanners: the same output
+            bytes, the same summary, or the same error (a differential test)
+  control   request lines -> `handle_line`: a reply, never an exception; what reaches a
+            command is words without control characters
+
+`tests/test_fuzz.py` runs a few thousand inputs per target in CI; `make fuzz` runs
+FUZZ_COUNT (1,000,000) per target:
+
+    python tests/fuzz.py --count 1000000 [--target decap] [--seed 1]
+
+A failing input is written to build/fuzz/ and its reproducer printed; the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tunnelscope.analysis.decap import Decap, Options, c_scanner_available
+from tunnelscope.decoders import decode
+from tunnelscope.formats import pcap, pcapng
+from tunnelscope.formats.capture import CaptureError, open_capture, read_capture
+from tunnelscope.formats.linktype import LinkType
+from tunnelscope.formats.packet import CaptureFormatError
+from tunnelscope.lab.control import Reply, handle_line
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x1B, 0x22, 0x20)
+EXTREME_WORDS = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x00\x01\x00\x00")
+CONTROL_SEEDS = [
+    b"hypervisor version",
+    b"bridge create br0",
+    b"bridge add_nio_udp br0 20000 127.0.0.1 20001",
+    b'bridge start_capture br0 "/tmp/a b.pcap" EN10MB',
+    b"bridge add_packet_filter br0 filter0 frequency_drop 5",
+    b'bridge add_packet_filter br0 filter1 bpf "icmp[icmptype] == icmp-echo"',
+    b"bridge set_packet_filter br0 f1 a2b delay 10 2  # comment",
+    b'lab filter R1 s1/0 out "packet_loss 5"',
+    b"hypervisor cmd_list bridge\r",
+]
+
+
+T = TypeVar("T")
+
+
+class Found(Exception):
+    """A target broke its contract on one input."""
+
+
+def seed_frames() -> list[tuple[int, bytes]]:
+    """(link type, frame) of every frame of the reference captures."""
+    frames = []
+    for path in sorted(CAPTURES.glob("*.pcap*")):
+        with open_capture(str(path)) as reader:
+            frames += [(packet.linktype, packet.data) for packet in reader]
+    return frames
+
+
+def seed_files() -> list[bytes]:
+    return [path.read_bytes() for path in sorted(CAPTURES.glob("*.pcap*"))]
+
+
+def host_capture(frames: list[tuple[int, bytes]], as_pcapng: bool, ipv6: bool) -> bytes:
+    """What tcpdump on the host sees of these lab frames: each one a UDP datagram between
+    two tunnel ports, both ways, over Ethernet."""
+    records = []
+    for number, (_, frame) in enumerate(frames):
+        ports = (10001, 10002) if number % 2 else (10002, 10001)
+        udp = struct.pack(">HHHH", *ports, 8 + len(frame), 0) + frame
+        if ipv6:
+            loopback = bytes(15) + b"\x01"
+            ip = struct.pack(">IHBB16s16s", 6 << 28, len(udp), 17, 64, loopback, loopback) + udp
+            ether = bytes(12) + b"\x86\xdd"
+        else:
+            ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), number, 0, 64, 17, 0,
+                             b"\x7f\x00\x00\x01", b"\x7f\x00\x00\x01") + udp  # fmt: skip
+            ether = bytes(12) + b"\x08\x00"
+        records.append((1_700_000_000_000_000_000 + number * 1_000_000, ether + ip))
+    if as_pcapng:
+        head = pcapng.section_header() + pcapng.interface_description(1, "lo")
+        return head + b"".join(pcapng.enhanced_packet(0, t, f, len(f)) for t, f in records)
+    return pcap.global_header(1) + b"".join(pcap.record(t, f) for t, f in records)
+
+
+def mutate(rng: random.Random, data: bytes, others: list[bytes]) -> bytes:
+    """A few of: bit flips, interesting bytes, cuts, inserted or repeated runs, splices."""
+    out = bytearray(data)
+    for _ in range(rng.choice((1, 1, 2, 3, 8))):
+        kind = rng.randrange(7)
+        at = rng.randrange(len(out) + 1)
+        if kind == 0 and out:
+            out[at % len(out)] ^= 1 << rng.randrange(8)
+        elif kind == 1 and out:
+            out[at % len(out)] = rng.choice(INTERESTING)
+        elif kind == 2:
+            del out[at : at + rng.randrange(1, 64)]
+        elif kind == 3:
+            out[at:at] = rng.randbytes(rng.randrange(1, 16))
+        elif kind == 4 and out:
+            start = rng.randrange(len(out))
+            out[at:at] = out[start : start + rng.randrange(1, 32)]
+        elif kind == 5 and len(out) >= 4:
+            spot = rng.randrange(len(out) - 3)  # a length or count field, made extreme
+            out[spot : spot + 4] = rng.choice(EXTREME_WORDS)
+        elif kind == 6 and others:
+            other = rng.choice(others)
+            cut = rng.randrange(len(other) + 1)
+            out[at:] = other[cut:]
+    return bytes(out)
+
+
+# --- the targets ---------------------------------------------------------------------------
+
+
+def fuzz_decoders(rng: random.Random, count: int) -> None:
+    frames = seed_frames()
+    datas = [data for _, data in frames]
+    linktypes = sorted({linktype for linktype, _ in frames} | {int(t) for t in LinkType})
+    for _ in range(count):
+        linktype, data = rng.choice(frames)
+        if rng.random() < 0.1:
+            linktype = rng.choice(linktypes)
+        data = mutate(rng, data, datas)
+        decoded = _attempt((), decode, linktype, data)
+        if not decoded.summary.isprintable():
+            raise Found(f"unprintable summary {decoded.summary!r}", linktype, data)
+
+
+def fuzz_readers(rng: random.Random, count: int) -> None:
+    files = seed_files()
+    for _ in range(count):
+        data = mutate(rng, rng.choice(files), files)
+        _attempt((CaptureFormatError,), _read_all, data)
+
+
+def fuzz_decap(rng: random.Random, count: int) -> None:
+    if not c_scanner_available():
+        raise SystemExit("fuzz decap: the C scanner is not built (pip install -e .)")
+    frames = seed_frames()
+    datas = [data for _, data in frames]
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        for _ in range(count):
+            picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
+            if rng.random() < 0.5:
+                picked = [(t, mutate(rng, d, datas)) for t, d in picked]
+            data = host_capture(picked, rng.random() < 0.5, rng.random() < 0.3)
+            if rng.random() < 0.5:
+                data = mutate(rng, data, datas)
+            dedupe = rng.random() < 0.3
+            results = [_decap(data, use_c, dedupe, f"{tmp}/out.pcapng") for use_c in (True, False)]
+            if results[0] != results[1]:
+                raise Found(f"C and Python scanners differ (dedupe={dedupe}): {results}", data)
+
+
+def _decap(data: bytes, use_c: bool, dedupe: bool, out: str) -> tuple[object, ...]:
+    """What one scanner made of `data`: the summary or the error, and the output bytes."""
+    job = Decap(out, None, Options(dedupe=dedupe, use_c=use_c))
+    try:
+        summary = asdict(job.run(io.BytesIO(data)))
+        summary.pop("backend", None)
+        result: object = summary
+    except (CaptureFormatError, CaptureError) as exc:
+        result = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        raise Found(f"use_c={use_c}: {traceback.format_exc()}", data) from exc
+    with open(out, "rb") as written:
+        return result, written.read()
+
+
+def fuzz_control(rng: random.Random, count: int) -> None:
+    seen: list[list[str]] = []
+
+    def execute(words: list[str]) -> Reply:
+        seen.append(words)
+        return Reply("ok")
+
+    for _ in range(count):
+        line = mutate(rng, rng.choice(CONTROL_SEEDS), CONTROL_SEEDS).replace(b"\n", b"")
+        seen.clear()
+        reply = _attempt((), handle_line, line, execute)
+        text = "".join(reply.lines())
+        if "\n" in text or "\r" in text or not isinstance(reply.code, int):
+            raise Found(f"reply breaks the line format: {reply!r}", line)
+        for words in seen:
+            if any(not w.isprintable() and "\t" not in w for w in words):
+                raise Found(f"a control character reached a command: {words!r}", line)
+
+
+def _read_all(data: bytes) -> int:
+    return sum(1 for _ in read_capture(io.BytesIO(data)))
+
+
+def _attempt(allowed: tuple[type[Exception], ...], function: Callable[..., T], *args: Any) -> T:
+    """function(*args); an exception other than `allowed` is a finding (None for those)."""
+    try:
+        return function(*args)
+    except allowed:
+        return None  # type: ignore[return-value]
+    except Exception as exc:
+        raise Found(traceback.format_exc(), *args) from exc
+
+
+TARGETS: dict[str, Callable[[random.Random, int], None]] = {
+    "decoders": fuzz_decoders,
+    "readers": fuzz_readers,
+    "decap": fuzz_decap,
+    "control": fuzz_control,
+}
+
+
+def run(target: str, count: int, seed: int) -> Found | None:
+    """Fuzz one target; the first failure found, or None."""
+    try:
+        TARGETS[target](random.Random(f"{target}-{seed}"), count)
+    except Found as found:
+        return found
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=[*TARGETS, "all"], default="all")
+    parser.add_argument("--count", type=int, default=100_000, help="inputs per target")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    failed = False
+    for target in TARGETS if args.target == "all" else [args.target]:
+        started = time.monotonic()
+        found = run(target, args.count, args.seed)
+        elapsed = time.monotonic() - started
+        if found is None:
+            print(f"fuzz {target}: {args.count} inputs, 0 failures ({elapsed:.0f} s)")
+            continue
+        failed = True
+        crash = Path("build/fuzz") / f"crash-{target}-{args.seed}.bin"
+        crash.parent.mkdir(parents=True, exist_ok=True)
+        data = next((a for a in found.args[1:] if isinstance(a, bytes)), b"")
+        crash.write_bytes(data)
+        print(f"fuzz {target}: FAILED after {elapsed:.0f} s, input in {crash}\n{found.args[0]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
