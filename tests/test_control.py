@@ -349,12 +349,13 @@ def test_garbage_and_overlong_requests_leave_the_connection_usable(service: Serv
         b"y" * 5000 + b" and more\n",  # much longer, in several reads
         b"\xff\xfe\xfd\n",  # not text
         b"bridge create \x01\x02\n",  # control characters
+        "bridge create a\u009b31m\n".encode(),  # a C1 control: CSI on some terminals
         b'bridge create "half\n',  # unterminated quote
         b"\n",  # nothing
     ]
-    replies = raw_exchange(service.address, b"".join(garbage) + b"hypervisor version\n", 7)
+    replies = raw_exchange(service.address, b"".join(garbage) + b"hypervisor version\n", 8)
     codes = [reply[:4] for reply in replies]
-    assert codes == [b"200-"] * 6 + [b"100-"], replies
+    assert codes == [b"200-"] * 7 + [b"100-"], replies
     assert replies[0] == b"200-Parse error: request longer than 512 bytes\r\n"
     assert raw_exchange(service.address, b"bridge list\r\n", 1) == [b"100-OK\r\n"]
 

@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -864,7 +865,7 @@ def handle_line(raw: bytes, execute: Callable[[list[str]], Reply]) -> Reply:
     except UnicodeDecodeError:
         return Reply("Parse error: not UTF-8 text", code=Code.PARSING)
     text = text.rstrip("\r")
-    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in text):  # C0, DEL, C1
         return Reply("Parse error: control character in request", code=Code.PARSING)
     try:
         return execute(tokenize(text))
