@@ -198,7 +198,7 @@ NET_ERRORS = [
     ("[localhost]\n [[ROUTER R1]]\n  model = 7200\n", "", "no links"),
     (
         "[localhost]\n udp = 30000\n [[ROUTER R1]]\n  f0/0 = R2 f0/0\n [[ROUTER R2]]\n"
-        "[other]\n udp = 30002\n [[ROUTER R3]]\n  f0/0 = R4 f0/0\n [[ROUTER R4]]\n",
+        "[127.0.0.1:7201]\n udp = 30002\n [[ROUTER R3]]\n  f0/0 = R4 f0/0\n [[ROUTER R4]]\n",
         ":9: ",
         "UDP port 30003 is used twice: by tunnelscope's end for R2 f0/0 (line 4)",
     ),
@@ -300,3 +300,91 @@ def test_serve_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "R1:f0/0--R2:f0/0" in lines[0] and "in use" in lines[0], lines
+
+
+# Labs spanning hosts (Dynagen's multi-server .net files) -------------------------------------
+
+
+def plan_of(path: str) -> list[tuple[str, str, str, int | None, str | None, str]]:
+    return [
+        (row.host, row.device, row.endpoint, row.emulator_port, row.emulator_remote, row.relay)
+        for row in load_lab(path).plan()
+    ]
+
+
+@pytest.mark.parametrize("bender", ["[bender:7200]", "[bender]"])  # tutorial, sample file
+def test_the_tutorials_multiserver_lab_plans_each_host_from_its_own_base(
+    tmp_path: Path, bender: str
+) -> None:
+    text = (LABS / "multiserver.net").read_text().replace("[bender:7200]", bender)
+    path = write(tmp_path, "multiserver.net", text)
+    assert plan_of(path) == [
+        ("xplt", "R1", "udp:10001:127.0.0.1:10000", 10000, "127.0.0.1:10001", "xplt"),
+        ("bender", "R2", "udp:10002:bender:10000", 10000, "xplt:10002", "xplt"),
+    ]
+    lab = load_lab(path)
+    assert lab.hosts == ["xplt", "bender"]
+    assert [link.name for link in lab.part("xplt").links] == ["R1:s1/0--R2:s1/0"]
+    assert lab.part("BENDER").links == []
+    with pytest.raises(LabError, match="spans hosts xplt, bender; say which one"):
+        lab.part(None)
+    with pytest.raises(LabError, match="'elsewhere' is not a host of multiserver"):
+        lab.part("elsewhere")
+
+
+def test_a_multi_host_plan_is_printed_per_host() -> None:
+    done = tunnelscope("serve", str(LABS / "multiserver.net"), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].split()[0] == "HOST" and lines[1].split()[-2:] == ["RELAYED", "ON"]
+    assert lines[3].split()[:2] == ["bender", "R2"] and "NIO_udp:10000:xplt:10002" in lines[3]
+    assert lines[4] == (
+        "on xplt: `tunnelscope serve multiserver.net --host xplt` relays R1:s1/0--R2:s1/0"
+    )
+    assert lines[5] == "on bender: nothing to relay"
+    done = tunnelscope("serve", str(LABS / "multiserver.net"), "--dry-run", "--json")
+    plan = json.loads(done.stdout)
+    assert plan["hosts"] == {"xplt": ["R1:s1/0--R2:s1/0"], "bender": []}
+
+
+TWO_HOSTS = (
+    "[192.0.2.1:7200]\n udp = 10000\n{relay1} [[ROUTER R1]]\n  s1/0 = R2 s1/0\n{link_relay}"
+    "  f0/0 = R3 f0/0\n"
+    "[192.0.2.2:7200]\n udp = 10000\n{relay2} [[ROUTER R2]]\n [[ROUTER R3]]\n"
+)
+
+
+def test_the_same_base_on_two_hosts_is_fine_and_relays_go_where_they_are_told(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "two.net", TWO_HOSTS.format(relay1="", relay2="", link_relay=""))
+    assert plan_of(path) == [  # neither host is this one: relayed on end a's host
+        ("192.0.2.1", "R1", "udp:10001:127.0.0.1:10000", 10000, "127.0.0.1:10001", "192.0.2.1"),
+        ("192.0.2.2", "R2", "udp:10004:192.0.2.2:10000", 10000, "192.0.2.1:10004", "192.0.2.1"),
+        ("192.0.2.1", "R1", "udp:10003:127.0.0.1:10002", 10002, "127.0.0.1:10003", "192.0.2.1"),
+        ("192.0.2.2", "R3", "udp:10005:192.0.2.2:10002", 10002, "192.0.2.1:10005", "192.0.2.1"),
+    ]
+    told = TWO_HOSTS.format(relay1="", relay2=" relay = 192.0.2.2\n", link_relay="")
+    rows = plan_of(write(tmp_path, "told.net", told))
+    assert {row[-1] for row in rows} == {"192.0.2.2"}
+    assert rows[0][2:5] == ("udp:10004:192.0.2.1:10000", 10000, "192.0.2.2:10004")
+    per_link = TWO_HOSTS.format(relay1="", relay2="", link_relay="  s1/0 relay = 192.0.2.2\n")
+    relays = [row[-1] for row in plan_of(write(tmp_path, "per-link.net", per_link))]
+    assert relays == ["192.0.2.2", "192.0.2.2", "192.0.2.1", "192.0.2.1"]
+    disagree = TWO_HOSTS.format(
+        relay1=" relay = 192.0.2.1\n", relay2=" relay = 192.0.2.2\n", link_relay=""
+    )
+    with pytest.raises(LabError, match=r"two.net:5: R1 s1/0 = R2 s1/0: its ends disagree"):
+        load_lab(write(tmp_path, "two.net", disagree))
+
+
+def test_an_end_on_this_host_named_localhost_cannot_be_reached_from_another(
+    tmp_path: Path,
+) -> None:
+    text = "[localhost]\n relay = bender\n [[ROUTER R1]]\n  s1/0 = R2 s1/0\n"
+    text += "[bender]\n [[ROUTER R2]]\n"
+    with pytest.raises(LabError, match=r":4: R1 s1/0 is on \[localhost\], which bender cannot"):
+        load_lab(write(tmp_path, "local.net", text))
+    here = write(tmp_path, "here.net", text.replace(" relay = bender\n", ""))
+    assert [row[-1] for row in plan_of(here)] == ["localhost", "localhost"]  # relayed here
+    assert [link.name for link in load_lab(here).part(None).links] == ["R1:s1/0--R2:s1/0"]

@@ -61,6 +61,12 @@ from tunnelscope.nio import EndpointError
     help="Serve streams off loopback without a token: anyone who reaches them may watch.",
 )
 @click.option("--captures", metavar="DIR", help="Capture directory (default: the lab's).")
+@click.option(
+    "--host",
+    metavar="NAME",
+    help="In a lab spanning hosts: which one this is (its section's name or address); the"
+    " links relayed here are run (default: this machine's part).",
+)
 @click.option("--seed", type=int, help="Seed of the random impairments (link N gets SEED+N).")
 @click.option(
     "--backend", type=click.Choice(["auto", "c", "python"]), default="auto", show_default=True
@@ -75,6 +81,7 @@ def serve(
     stream_token: str | None,
     no_token: bool,
     captures: str | None,
+    host: str | None,
     seed: int | None,
     backend: str,
     verbose: bool,
@@ -94,10 +101,12 @@ def serve(
     Examples:
       tunnelscope serve labs/two-vpcs.toml --dry-run       # the port plan only
       tunnelscope serve labs/two-vpcs.net --control 127.0.0.1:7300
+      tunnelscope serve multiserver.net --host bender   # bender's part of a lab of hosts
       TUNNELSCOPE_CONTROL=127.0.0.1:7300 tunnelscope capture PC1 e0 pc1.pcap
     """
     try:
-        lab = load_lab(lab_file, captures)
+        whole = load_lab(lab_file, captures)
+        lab = whole if dry_run else whole.part(host)
         address = parse_address(control)
         stream_address = None if stream == "off" else parse_address(stream)
         if stream_address:
@@ -198,6 +207,7 @@ def _print_plan(lab: Lab, as_json: bool) -> None:
                 "lab": lab.name,
                 "file": lab.path,
                 "captures": lab.captures,
+                "hosts": {host: [link.name for link in lab.part(host).links] for host in lab.hosts},
                 "links": [
                     {
                         "name": link.name,
@@ -207,6 +217,7 @@ def _print_plan(lab: Lab, as_json: bool) -> None:
                         if link.encapsulation
                         else None,
                         "impairments": [str(i) for i in link.impairments],
+                        "relay": link.relay or None,
                     }
                     for link in lab.links
                 ],
@@ -217,10 +228,21 @@ def _print_plan(lab: Lab, as_json: bool) -> None:
     count = len(lab.links)
     click.echo(f"lab {lab.name} ({lab.path}): {count} link{'s' * (count != 1)}")
     table = [("DEVICE", "INTERFACE", "EMULATOR PORT", "SENDS TO", "CONFIGURE", "LINK")]
+    if lab.hosts:
+        table = [("HOST", *table[0], "RELAYED ON")]
+        rows.sort(key=lambda row: lab.hosts.index(row.host))
     for row in rows:
         port = str(row.emulator_port) if row.emulator_port else "-"
         remote = row.emulator_remote or "-"
-        table.append((row.device, row.interface, port, remote, row.hint, row.link))
+        line = (row.device, row.interface, port, remote, row.hint, row.link)
+        table.append((row.host, *line, row.relay) if lab.hosts else line)
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    for host in lab.hosts:
+        part = lab.part(host).links
+        if not part:
+            click.echo(f"on {host}: nothing to relay")
+            continue
+        command = f"tunnelscope serve {os.path.basename(lab.path)} --host {host}"
+        click.echo(f"on {host}: `{command}` relays {', '.join(link.name for link in part)}")

@@ -8,9 +8,11 @@ are edited by hand, so every error names the file, the line and the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ except ImportError:  # Python < 3.11
 
 CAPTURE_POINTS = ("pre", "post", "both")
 DEFAULT_UDP_BASE = 10000  # Dynagen's default
+LOCALHOST = "localhost"  # the host key of this machine in a lab spanning hosts
 DEFAULT_CAPTURES = "captures"  # next to the lab file
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _INTERFACE = re.compile(r"[A-Za-z0-9_./:-]+")
@@ -62,6 +65,7 @@ class LinkEnd:
     end: End
     endpoint: str  # the spec tunnelscope opens for this end; it faces the emulator
     kind: str = ""  # the device's type (ROUTER, VPCS, FRSW...) when the lab file says it
+    host: str = ""  # where the emulator runs, in a lab of several hosts ("": one host)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class LabLink:
     capture: str | None = None  # a file in the captures directory, captured from the start
     capture_at: str = "post"
     line: int = 0
+    relay: str = ""  # the host tunnelscope relays this link on, in a lab of several hosts
 
 
 @dataclass
@@ -88,6 +93,8 @@ class PlanRow:
     emulator_port: int | None = None  # the UDP port the emulator binds
     emulator_remote: str | None = None  # where the emulator sends: tunnelscope's HOST:PORT
     hint: str = ""  # the same, in the emulator's own syntax
+    host: str = ""  # where the emulator runs (several hosts only)
+    relay: str = ""  # where tunnelscope relays the link (several hosts only)
 
 
 @dataclass
@@ -96,6 +103,28 @@ class Lab:
     path: str
     captures: str  # absolute directory every capture file lands in
     links: list[LabLink]
+    hosts: list[str] = field(default_factory=list)  # several: a lab spanning hosts, in order
+
+    def part(self, host: str | None) -> Lab:
+        """The links one host relays (`serve --host`); a lab of one host runs whole here.
+
+        Without a host, a lab spanning hosts runs this machine's part (`localhost` or its own
+        names); LabError when it has none or `host` is not one of the lab's.
+        """
+        if not self.hosts:
+            return self
+        if host is None:
+            if LOCALHOST not in self.hosts:
+                raise LabError(
+                    f"{self.name} spans hosts {', '.join(self.hosts)}; say which one this is"
+                    " with --host"
+                )
+            host = LOCALHOST
+        wanted = host_key(host)
+        if wanted not in self.hosts:
+            raise LabError(f"{host!r} is not a host of {self.name} ({', '.join(self.hosts)})")
+        links = [link for link in self.links if link.relay == wanted]
+        return dataclasses.replace(self, links=links)
 
     def devices(self) -> dict[str, list[str]]:
         """Every device and its linked interfaces, in lab order."""
@@ -120,6 +149,19 @@ class Lab:
 
     def plan(self) -> list[PlanRow]:
         return [_plan_row(link, link_end) for link in self.links for link_end in link.ends]
+
+
+def host_key(host: str) -> str:
+    """Which machine a host name or address means: LOCALHOST for this one (loopback,
+    `localhost`, its own host names), else the address or the lower-cased name. No DNS: a
+    plan is made for hosts this machine may not resolve."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        name = host.lower().rstrip(".")
+        own = {socket.gethostname().lower(), socket.getfqdn().lower(), LOCALHOST}
+        return LOCALHOST if name in own else name
+    return LOCALHOST if address.is_loopback else str(address)
 
 
 def canonical_interface(name: str) -> str:
@@ -193,7 +235,10 @@ def _plan_row(link: LabLink, link_end: LinkEnd) -> PlanRow:
     if not isinstance(spec, UdpSpec):
         row.hint = f"{link_end.endpoint} (not a UDP tunnel)"
         return row
+    row.host, row.relay = link_end.host, link.relay
     ours = spec.local_host or _our_address(spec.remote_host)
+    if link.relay and link_end.host != link.relay:  # the emulator reaches the relay host
+        ours = link.relay
     row.emulator_port = spec.remote_port
     row.emulator_remote = f"{_bracket(ours)}:{spec.local_port}"
     row.hint = _hint(link_end.kind, spec.remote_host, spec.remote_port, ours, spec.local_port)
@@ -207,6 +252,17 @@ def _our_address(remote_host: str) -> str:
     except ValueError:
         return "127.0.0.1" if remote_host == "localhost" else "THIS_HOST"
     return str(address) if address.is_loopback else "THIS_HOST"
+
+
+def _loopback_name(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == LOCALHOST
+
+
+def _hosts(link: LabLink) -> list[str]:
+    return [link_end.host for link_end in link.ends]
 
 
 def _bracket(host: str) -> str:
@@ -227,23 +283,28 @@ def _hint(kind: str, host: str, port: int, ours: str, our_port: int) -> str:
 
 
 def _check_ports(lab: Lab) -> None:
-    """No UDP port may be bound twice: by two of our ends, two emulators, or one of each."""
-    seen: dict[int, str] = {}
+    """No UDP port may be bound twice on one host: by two of our ends, two emulators, or one
+    of each. The same number on two hosts of a lab is fine."""
+    seen: dict[tuple[str, int], str] = {}
     for link in lab.links:
         for link_end in link.ends:
             spec = parse_endpoint(link_end.endpoint)
             if not isinstance(spec, UdpSpec):
                 continue
-            uses = [(spec.local_port, f"tunnelscope's end for {link_end.end}")]
-            if _our_address(spec.remote_host) != "THIS_HOST":  # the emulator runs here too
-                uses.append((spec.remote_port, f"the emulator's tunnel of {link_end.end}"))
-            for port, user in uses:
-                if port in seen:
+            uses = [(link.relay, spec.local_port, f"tunnelscope's end for {link_end.end}")]
+            if lab.hosts or _our_address(spec.remote_host) != "THIS_HOST":  # a known host
+                uses.append(
+                    (link_end.host, spec.remote_port, f"the emulator's tunnel of {link_end.end}")
+                )
+            for host, port, user in uses:
+                if (host, port) in seen:
                     where = f"{lab.path}:{link.line}: " if link.line else ""
+                    on = f" on {host}" if host else ""
                     raise LabError(
-                        f"{where}UDP port {port} is used twice: by {seen[port]} and by {user}"
+                        f"{where}UDP port {port} is used twice{on}: by {seen[host, port]} and"
+                        f" by {user}"
                     )
-                seen[port] = f"{user} (line {link.line})" if link.line else user
+                seen[host, port] = f"{user} (line {link.line})" if link.line else user
 
 
 # --- TOML lab files ------------------------------------------------------------------------
@@ -462,11 +523,16 @@ class _PortCounter:
         self.line = line
 
     def allocate(self, host: str) -> str:
+        emulator, ours = self.take()
+        return f"udp:{ours}:{_bracket(host)}:{emulator}"
+
+    def take(self) -> tuple[int, int]:
+        """The next end's two ports: the emulator's, then tunnelscope's."""
         emulator, ours = self.next, self.next + 1
         if ours > 65535:
             raise _Problem(self.line, "the udp base port leaves too few ports for every link end")
         self.next += 2
-        return f"udp:{ours}:{_bracket(host)}:{emulator}"
+        return emulator, ours
 
 
 # --- Dynagen .net files --------------------------------------------------------------------
@@ -486,10 +552,13 @@ _HOST_INTERFACE = re.compile(r"[a-z]+\d+(/\d+)*", re.IGNORECASE)
 class _Device:
     kind: str
     name: str
-    host: str
+    host: str  # as the section names it (localhost: 127.0.0.1)
     counter: _PortCounter
     line: int
     ports: set[str] = field(default_factory=set)  # a switch's configured ports
+    site: str = ""  # host_key(host): which machine
+    section: str = ""  # the hypervisor section, for messages
+    relay: str | None = None  # the section's `relay = HOST`, as a host key
 
 
 @dataclass
@@ -532,6 +601,8 @@ class _NetLab:
         self.text = text
         self.lines = _NetLines(text)
         self.devices: dict[str, _Device] = {}
+        self.link_relays: dict[End, tuple[str, int]] = {}  # `s1/0 relay = HOST` keys
+        self.bases: dict[str, int] = {}  # per host: the lowest udp base of its sections
 
     def load(self) -> Lab:
         try:
@@ -549,7 +620,8 @@ class _NetLab:
         base_dir = os.path.dirname(os.path.abspath(self.path))
         name = os.path.splitext(os.path.basename(self.path))[0]
         captures = os.path.join(base_dir, DEFAULT_CAPTURES)
-        return Lab(name, os.path.abspath(self.path), captures, links)
+        hosts = list(dict.fromkeys(h for link in links for h in (link.relay, *_hosts(link)) if h))
+        return Lab(name, os.path.abspath(self.path), captures, links, hosts)
 
     def _links(self, config: Any) -> list[LabLink]:
         hypervisors = [name for name in config.sections if name != "GNS3-DATA"]
@@ -564,9 +636,14 @@ class _NetLab:
                 if device is None or device.kind in _SWITCHES:
                     continue
                 for key, value in config[hypervisor][section].items():
+                    line = self.lines.key((hypervisor, section), key)
+                    words = key.split()
+                    if len(words) == 2 and words[1] == "relay" and isinstance(value, str):
+                        end = End(device.name, canonical_interface(words[0]))
+                        self.link_relays[end] = (host_key(value), line)
+                        continue
                     if not isinstance(value, (str, list)) or not self._is_interface(device, key):
                         continue
-                    line = self.lines.key((hypervisor, section), key)
                     end = End(device.name, canonical_interface(key))
                     self._wire(end, device, value, line, wires, by_end, lans)
         for lan, wire in lans.items():
@@ -578,7 +655,10 @@ class _NetLab:
                 )
         if not wires:
             raise _Problem(0, "no links: no device interface is connected to anything")
-        return [self._lab_link(wire) for wire in sorted(wires, key=lambda w: w.line)]
+        wires.sort(key=lambda w: w.line)
+        if len({device.site for wire in wires for _, device in wire.ends}) == 1:
+            return [self._lab_link(wire) for wire in wires]
+        return self._lab_links_across_hosts(wires)
 
     def _read_devices(self, hypervisor: str, section: Any) -> None:
         host = hypervisor.rsplit(":", 1)[0] if re.search(r":\d+$", hypervisor) else hypervisor
@@ -588,6 +668,10 @@ class _NetLab:
         if not (isinstance(udp, str) and udp.isdigit()):
             raise _Problem(line, f"udp = {udp!r} is not a port number")
         counter = _PortCounter(int(udp), line)
+        site = host_key(host)
+        self.bases[site] = min(int(udp), self.bases.get(site, int(udp)))
+        relay = section.get("relay")
+        relay = host_key(relay) if isinstance(relay, str) else None
         for name in section.sections:
             words = name.split()
             if len(words) == 1:
@@ -604,7 +688,7 @@ class _NetLab:
                 raise _Problem(
                     line, f"device {words[1]} is defined twice (first at line {earlier})"
                 )
-            device = _Device(kind, words[1], host, counter, line)
+            device = _Device(kind, words[1], host, counter, line, set(), site, hypervisor, relay)
             if kind in _SWITCHES:
                 device.ports = self._switch_ports(device, hypervisor, name, section[name])
             self.devices[device.name] = device
@@ -694,10 +778,13 @@ class _NetLab:
         by_end[end] = wire
         wire.ends.append((end, device))
 
-    def _lab_link(self, wire: _Wire) -> LabLink:
+    def _lab_link(self, wire: _Wire, endpoints: list[str] | None = None) -> LabLink:
+        """The link of `wire`; its endpoints allocated as on one host unless given."""
+        if endpoints is None:
+            endpoints = [device.counter.allocate(device.host) for _, device in wire.ends]
         ends = [
-            LinkEnd(end, device.counter.allocate(device.host), device.kind)
-            for end, device in wire.ends
+            LinkEnd(end, endpoint, device.kind)
+            for (end, device), endpoint in zip(wire.ends, endpoints)
         ]
         kinds = {device.kind for _, device in wire.ends}
         letters = {end.interface[0] for end, device in wire.ends if device.kind == "ROUTER"}
@@ -708,3 +795,57 @@ class _NetLab:
             encapsulation = LinkType.ETHERNET
         name = default_link_name(ends[0].end, ends[1].end)
         return LabLink(name, (ends[0], ends[1]), encapsulation, line=wire.line)
+
+    def _lab_links_across_hosts(self, wires: list[_Wire]) -> list[LabLink]:
+        """Port plans per host (Dynagen's: each section counts from its own udp base).
+
+        Pass 1 gives every end its emulator's port and, as on one host, the next one for
+        tunnelscope; that one is used when the link is relayed on the emulator's own host
+        (over loopback). Pass 2 gives the ends relayed on another host a port there: the
+        lowest free one from that host's base, so nothing on any host collides.
+        """
+        used: dict[str, set[int]] = {}
+        links, remote = [], []
+        for wire in wires:
+            pairs = [device.counter.take() for _, device in wire.ends]
+            link = self._lab_link(wire, [f"udp:{ours}:127.0.0.1:{emu}" for emu, ours in pairs])
+            link.relay = self._relay(wire)
+            for link_end, (_, device), (emulator, ours) in zip(link.ends, wire.ends, pairs):
+                used.setdefault(device.site, set()).update((emulator, ours))
+                link_end.host = device.site
+                if device.site != link.relay:
+                    if _loopback_name(device.host):
+                        raise _Problem(
+                            wire.line,
+                            f"{link_end.end} is on [{device.section}], which {link.relay} cannot"
+                            " reach by that name: in a lab spanning hosts, name this host by an"
+                            " address or a name the other hosts reach",
+                        )
+                    remote.append((link, link_end, device, emulator))
+            links.append(link)
+        for link, link_end, device, emulator in remote:
+            taken = used.setdefault(link.relay, set())
+            port = next(p for p in range(self.bases.get(link.relay, DEFAULT_UDP_BASE), 65536)
+                        if p not in taken)  # fmt: skip
+            taken.add(port)
+            link_end.endpoint = f"udp:{port}:{_bracket(device.host)}:{emulator}"
+        return links
+
+    def _relay(self, wire: _Wire) -> str:
+        """Where a link is relayed: its `INTERFACE relay = HOST` key, its sections' `relay`,
+        else the ends' one host, else this machine if an end is here, else end a's host."""
+        per_link = {self.link_relays[end][0] for end, _ in wire.ends if end in self.link_relays}
+        per_section = {device.relay for _, device in wire.ends if device.relay}
+        for choices in (per_link, per_section):
+            if len(choices) > 1:
+                raise _Problem(
+                    wire.line,
+                    f"{wire.ends[0][0]} = {wire.ends[1][0]}: its ends disagree on where to relay"
+                    f" it ({', '.join(sorted(choices))})",
+                )
+            if choices:
+                return choices.pop()
+        sites = [device.site for _, device in wire.ends]
+        if sites[0] == sites[1]:
+            return sites[0]
+        return LOCALHOST if LOCALHOST in sites else sites[0]
