@@ -41,8 +41,10 @@ from scapy.layers.l2 import ARP, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
 from tunnelscope.nio import Endpoint  # noqa: E402
+from tunnelscope.nio.netns import run_in_netns  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., object])
+T = TypeVar("T")
 
 IS_ROOT = os.geteuid() == 0
 VPCS_PATH = shutil.which("vpcs")
@@ -191,7 +193,8 @@ class VPCSError(RuntimeError):
 
 
 class VPCS:
-    """One VPCS process (one PC), tunnel 127.0.0.1:local_port <-> 127.0.0.1:remote_port.
+    """One VPCS process (one PC), tunnel 127.0.0.1:local_port <-> remote_host:remote_port,
+    on this host or inside network namespace `netns` (a host of a lab spanning hosts).
 
     VPCS forks a worker into a session of its own, so the process group is not enough to
     find it; every process we start carries a unique environment marker and `close` kills
@@ -201,10 +204,18 @@ class VPCS:
     PROMPT = b"VPCS> "
 
     def __init__(
-        self, local_port: int, remote_port: int, mac_offset: int = 0, console_port: int = 0
+        self,
+        local_port: int,
+        remote_port: int,
+        mac_offset: int = 0,
+        console_port: int = 0,
+        remote_host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
         self.local_port = local_port
         self.remote_port = remote_port
+        self.remote_host = remote_host
+        self.netns = netns
         self.mac_offset = mac_offset
         self.console_port = console_port or free_tcp_port()
         self._marker = f"TUNNELSCOPE_TEST_PEER={secrets.token_hex(8)}"
@@ -221,11 +232,12 @@ class VPCS:
     def start(self, timeout: float = 10.0) -> None:
         if VPCS_PATH is None:
             raise VPCSError("vpcs is not installed")
-        if udp_port_bound(self.local_port):
+        if self._inside(lambda: udp_port_bound(self.local_port)):
             raise VPCSError(f"UDP port {self.local_port} is taken: VPCS would silently not bind")
-        command = [VPCS_PATH, "-i", "1", "-F", "-p", str(self.console_port)]
+        command = ["ip", "netns", "exec", self.netns] if self.netns else []
+        command += [VPCS_PATH, "-i", "1", "-F", "-p", str(self.console_port)]
         command += ["-m", str(self.mac_offset), "-s", str(self.local_port)]
-        command += ["-c", str(self.remote_port), "-t", "127.0.0.1"]
+        command += ["-c", str(self.remote_port), "-t", self.remote_host]
         key, value = self._marker.split("=")
         with open(os.path.join(self._workdir.name, "vpcs.log"), "wb") as log:
             self._proc = subprocess.Popen(
@@ -242,14 +254,24 @@ class VPCS:
             if self._proc.poll() is not None:
                 raise VPCSError(f"vpcs exited with {self._proc.returncode}: {self._log()}")
             try:
-                self._console = socket.create_connection(("127.0.0.1", self.console_port), 1.0)
+                self._console = self._inside(
+                    lambda: socket.create_connection(("127.0.0.1", self.console_port), 1.0)
+                )
             except OSError:
                 if time.monotonic() >= deadline:
                     raise VPCSError(f"no VPCS console on port {self.console_port}") from None
                 time.sleep(0.05)
         self._read_prompt(deadline - time.monotonic())
-        if not wait_until(lambda: udp_port_bound(self.local_port), deadline - time.monotonic()):
+        bound = wait_until(
+            lambda: self._inside(lambda: udp_port_bound(self.local_port)),
+            deadline - time.monotonic(),
+        )
+        if not bound:
             raise VPCSError(f"VPCS did not bind UDP port {self.local_port}")
+
+    def _inside(self, opener: Callable[[], T]) -> T:
+        """Run `opener` in the PC's network namespace (sockets opened there stay there)."""
+        return run_in_netns("vpcs", self.netns, opener)
 
     def _log(self) -> str:
         with open(os.path.join(self._workdir.name, "vpcs.log"), "rb") as log:
@@ -293,13 +315,18 @@ class VPCS:
         return output
 
     def ping(
-        self, address: str, count: int = 3, interval_ms: int = 200, wait_ms: int = 1000
+        self,
+        address: str,
+        count: int = 3,
+        interval_ms: int = 200,
+        wait_ms: int = 1000,
+        size: int = 56,
     ) -> list[tuple[int, bool]]:
-        """Ping from VPCS; one (seq, answered) per probe.
+        """Ping from VPCS (`size` bytes of ICMP data); one (seq, answered) per probe.
 
         When VPCS cannot resolve the address by ARP (about 3 s) no probe leaves: all False.
         """
-        line = f"ping {address} -c {count} -i {interval_ms} -w {wait_ms}"
+        line = f"ping {address} -c {count} -i {interval_ms} -w {wait_ms} -l {size}"
         timeout = 5.0 + count * (interval_ms + wait_ms) / 1000
         output = self.command(line, timeout)
         results = {seq: False for seq in range(1, count + 1)}

@@ -255,3 +255,55 @@ def test_two_vpcs_lab_driven_by_the_verbs_and_the_console(tmp_path: Path, kind: 
         rows = tshark.fields(str(captures / "c.pcapng"), ["icmp.type"], "icmp")
         assert len(rows) == 4  # two pings, both ways
         assert lost(pc1.ping("10.0.0.2", count=2)) == set()
+
+
+def reassembled(ns: peers.Netns) -> int:
+    """IP datagrams the namespace's kernel reassembled from fragments (ReasmOKs)."""
+    lines = [line.split() for line in ns.exec("cat", "/proc/net/snmp").stdout.splitlines()]
+    names, values = [words for words in lines if words[0] == "Ip:"][:2]
+    return int(values[names.index("ReasmOKs")])
+
+
+@peers.needs_root
+@peers.needs_vpcs
+def test_a_lab_spanning_two_hosts_carries_pings_of_every_size(tmp_path: Path) -> None:
+    """Two hosts (namespaces joined by a veth, MTU 1500), a PC on each, the .net file naming
+    the hosts by address with the same udp base; each host runs its part with --host."""
+    with peers.netns() as host_a, peers.netns() as host_b:
+        suffix = host_a.name[-4:]
+        peers.run("ip", "link", "add", f"tsa{suffix}", "netns", host_a.name, "type", "veth",
+                  "peer", "name", f"tsb{suffix}", "netns", host_b.name)  # fmt: skip
+        for ns, ifname, address in ((host_a, "a", "10.77.0.1"), (host_b, "b", "10.77.0.2")):
+            ns.ip("addr", "add", f"{address}/24", "dev", f"ts{ifname}{suffix}")
+            ns.ip("link", "set", f"ts{ifname}{suffix}", "up")
+        lab = tmp_path / "hosts.net"
+        lab.write_text(
+            "[10.77.0.1:7200]\n udp = 20000\n [[VPCS PC1]]\n  e0 = PC2 e0\n"
+            "[10.77.0.2:7200]\n udp = 20000\n [[VPCS PC2]]\n"
+        )
+        plan = json.loads(ok("", "serve", str(lab), "--dry-run", "--json"))
+        assert plan["hosts"] == {"10.77.0.1": ["PC1:e0--PC2:e0"], "10.77.0.2": []}
+        rows = {row["device"]: row for row in plan["plan"]}
+        assert rows["PC1"]["emulator_remote"] == "127.0.0.1:20001"  # the relay is on its host
+        assert rows["PC2"]["emulator_remote"] == "10.77.0.1:20002"  # same base, other host
+
+        def pc(name: str, ns: peers.Netns, mac: int) -> peers.VPCS:
+            host, port = rows[name]["emulator_remote"].rsplit(":", 1)
+            return peers.VPCS(rows[name]["emulator_port"], int(port), mac, 0, host, ns.name)
+
+        with contextlib.ExitStack() as stack:
+            for ns, host in ((host_a, "10.77.0.1"), (host_b, "10.77.0.2")):
+                log = stack.enter_context(open(tmp_path / f"serve-{host}.err", "w+"))
+                command = ["ip", "netns", "exec", ns.name, *TUNNELSCOPE, "serve", str(lab)]
+                command += ["--host", host, "--control", "127.0.0.1:0", "--stream", "off"]
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+                stack.enter_context(contextlib.contextmanager(_serving)(process, log))
+            pc1 = stack.enter_context(pc("PC1", host_a, 0))
+            pc2 = stack.enter_context(pc("PC2", host_b, 1))
+            pc1.set_ip("10.0.0.1/24")
+            pc2.set_ip("10.0.0.2/24")
+            before = reassembled(host_b)
+            for size in (56, 1472, 3000):
+                replies = pc1.ping("10.0.0.2", count=3, size=size)
+                assert lost(replies) == set(), (size, pc1.transcript[-800:])
+        assert reassembled(host_b) - before >= 6  # 1472 and 3000 bytes: fragmented tunnels
