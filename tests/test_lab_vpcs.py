@@ -264,46 +264,113 @@ def reassembled(ns: peers.Netns) -> int:
     return int(values[names.index("ReasmOKs")])
 
 
-@peers.needs_root
-@peers.needs_vpcs
-def test_a_lab_spanning_two_hosts_carries_pings_of_every_size(tmp_path: Path) -> None:
-    """Two hosts (namespaces joined by a veth, MTU 1500), a PC on each, the .net file naming
-    the hosts by address with the same udp base; each host runs its part with --host."""
+HOSTS = ("10.77.0.1", "10.77.0.2")
+
+
+@contextlib.contextmanager
+def two_hosts() -> Iterator[tuple[peers.Netns, peers.Netns]]:
+    """Two hosts: network namespaces joined by a veth (MTU 1500), addressed HOSTS."""
     with peers.netns() as host_a, peers.netns() as host_b:
         suffix = host_a.name[-4:]
         peers.run("ip", "link", "add", f"tsa{suffix}", "netns", host_a.name, "type", "veth",
                   "peer", "name", f"tsb{suffix}", "netns", host_b.name)  # fmt: skip
-        for ns, ifname, address in ((host_a, "a", "10.77.0.1"), (host_b, "b", "10.77.0.2")):
-            ns.ip("addr", "add", f"{address}/24", "dev", f"ts{ifname}{suffix}")
-            ns.ip("link", "set", f"ts{ifname}{suffix}", "up")
-        lab = tmp_path / "hosts.net"
-        lab.write_text(
-            "[10.77.0.1:7200]\n udp = 20000\n [[VPCS PC1]]\n  e0 = PC2 e0\n"
-            "[10.77.0.2:7200]\n udp = 20000\n [[VPCS PC2]]\n"
-        )
-        plan = json.loads(ok("", "serve", str(lab), "--dry-run", "--json"))
-        assert plan["hosts"] == {"10.77.0.1": ["PC1:e0--PC2:e0"], "10.77.0.2": []}
-        rows = {row["device"]: row for row in plan["plan"]}
-        assert rows["PC1"]["emulator_remote"] == "127.0.0.1:20001"  # the relay is on its host
-        assert rows["PC2"]["emulator_remote"] == "10.77.0.1:20002"  # same base, other host
+        for ns, side, address in ((host_a, "a", HOSTS[0]), (host_b, "b", HOSTS[1])):
+            ns.ip("addr", "add", f"{address}/24", "dev", f"ts{side}{suffix}")
+            ns.ip("link", "set", f"ts{side}{suffix}", "up")
+        yield host_a, host_b
 
-        def pc(name: str, ns: peers.Netns, mac: int) -> peers.VPCS:
-            host, port = rows[name]["emulator_remote"].rsplit(":", 1)
-            return peers.VPCS(rows[name]["emulator_port"], int(port), mac, 0, host, ns.name)
 
-        with contextlib.ExitStack() as stack:
-            for ns, host in ((host_a, "10.77.0.1"), (host_b, "10.77.0.2")):
-                log = stack.enter_context(open(tmp_path / f"serve-{host}.err", "w+"))
-                command = ["ip", "netns", "exec", ns.name, *TUNNELSCOPE, "serve", str(lab)]
-                command += ["--host", host, "--control", "127.0.0.1:0", "--stream", "off"]
-                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-                stack.enter_context(contextlib.contextmanager(_serving)(process, log))
-            pc1 = stack.enter_context(pc("PC1", host_a, 0))
-            pc2 = stack.enter_context(pc("PC2", host_b, 1))
-            pc1.set_ip("10.0.0.1/24")
-            pc2.set_ip("10.0.0.2/24")
-            before = reassembled(host_b)
-            for size in (56, 1472, 3000):
-                replies = pc1.ping("10.0.0.2", count=3, size=size)
-                assert lost(replies) == set(), (size, pc1.transcript[-800:])
+def two_host_lab(tmp_path: Path, relay: str = "") -> tuple[Path, dict[str, dict]]:
+    """PC1 on host a, PC2 on host b, the same udp base; (lab file, plan rows by device)."""
+    lab = tmp_path / "hosts.net"
+    lab.write_text(
+        f"[{HOSTS[0]}:7200]\n udp = 20000\n{relay} [[VPCS PC1]]\n  e0 = PC2 e0\n"
+        f"[{HOSTS[1]}:7200]\n udp = 20000\n [[VPCS PC2]]\n"
+    )
+    plan = json.loads(ok("", "serve", str(lab), "--dry-run", "--json"))
+    return lab, {row["device"]: row for row in plan["plan"]} | {"": plan}
+
+
+def serve_hosts(
+    stack: contextlib.ExitStack, lab: Path, hosts: tuple[peers.Netns, peers.Netns], control: str
+) -> list[str]:
+    """Each host's `serve LAB --host` in its namespace; their control addresses."""
+    addresses = []
+    for ns, host in zip(hosts, HOSTS):
+        log = stack.enter_context(open(lab.parent / f"serve-{host}.err", "w+"))  # noqa: SIM115
+        command = ["ip", "netns", "exec", ns.name, *TUNNELSCOPE, "serve", str(lab)]
+        command += ["--host", host, "--control", control.format(host=host), "--stream", "off"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        addresses.append(stack.enter_context(contextlib.contextmanager(_serving)(process, log)))
+    return addresses
+
+
+def host_pc(name: str, row: dict, ns: peers.Netns, mac: int) -> peers.VPCS:
+    """A VPCS configured as the plan says, on its host."""
+    host, port = row["emulator_remote"].rsplit(":", 1)
+    return peers.VPCS(row["emulator_port"], int(port), mac, 0, host, ns.name)
+
+
+@peers.needs_root
+@peers.needs_vpcs
+def test_a_lab_spanning_two_hosts_carries_pings_of_every_size(tmp_path: Path) -> None:
+    """The .net file names the hosts by address, with the same udp base; each host runs its
+    part with --host; pings cross through tunnels the veth's MTU fragments."""
+    lab, rows = two_host_lab(tmp_path)
+    assert rows[""]["hosts"] == {HOSTS[0]: ["PC1:e0--PC2:e0"], HOSTS[1]: []}
+    assert rows["PC1"]["emulator_remote"] == "127.0.0.1:20001"  # the relay is on its host
+    assert rows["PC2"]["emulator_remote"] == "10.77.0.1:20002"  # same base, other host
+    with two_hosts() as (host_a, host_b), contextlib.ExitStack() as stack:
+        serve_hosts(stack, lab, (host_a, host_b), "127.0.0.1:0")
+        pc1 = stack.enter_context(host_pc("PC1", rows["PC1"], host_a, 0))
+        pc2 = stack.enter_context(host_pc("PC2", rows["PC2"], host_b, 1))
+        pc1.set_ip("10.0.0.1/24")
+        pc2.set_ip("10.0.0.2/24")
+        before = reassembled(host_b)
+        for size in (56, 1472, 3000):
+            replies = pc1.ping("10.0.0.2", count=3, size=size)
+            assert lost(replies) == set(), (size, pc1.transcript[-800:])
         assert reassembled(host_b) - before >= 6  # 1472 and 3000 bytes: fragmented tunnels
+
+
+@peers.needs_root
+@peers.needs_vpcs
+@tshark.required
+def test_one_console_drives_a_link_relayed_on_another_host(tmp_path: Path) -> None:
+    """From host a, the verbs reach the link host b relays (relay = b): a capture there that
+    tshark reads, freq_drop in 3 on it, and a links table with a HOST column; a third host
+    that does not answer is shown as such."""
+    lab, rows = two_host_lab(tmp_path, relay=f" relay = {HOSTS[1]}\n")
+    assert rows[""]["hosts"] == {HOSTS[0]: [], HOSTS[1]: ["PC1:e0--PC2:e0"]}
+    with two_hosts() as (host_a, host_b), contextlib.ExitStack() as stack:
+        controls = serve_hosts(stack, lab, (host_a, host_b), "{host}:0")
+        pc1 = stack.enter_context(host_pc("PC1", rows["PC1"], host_a, 0))
+        pc2 = stack.enter_context(host_pc("PC2", rows["PC2"], host_b, 1))
+        pc1.set_ip("10.0.0.1/24")
+        pc2.set_ip("10.0.0.2/24")
+        flags = [f"--control=a={controls[0]}", f"--control=b={controls[1]}"]
+        flags.append("--control=c=127.0.0.1:1")  # nobody serves there
+
+        def on_a(*words: str) -> str:
+            done = host_a.exec(*TUNNELSCOPE, *words, *flags, timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        def forwarded() -> int:
+            stats = json.loads(on_a("links", "--json"))[0]["stats"]
+            return stats["a2b"]["forwarded"] + stats["b2a"]["forwarded"]
+
+        before = forwarded()  # the PCs' own start-up frames went by already
+        assert on_a("capture", "PC1", "e0", "pc1.pcap").startswith("capturing PC1 e0 to")
+        assert lost(pc1.ping("10.0.0.2", count=3)) == set()
+        assert on_a("filter", "PC1", "e0", "freq_drop", "in", "3").strip()
+        assert lost(pc1.ping("10.0.0.2", count=9)) == {3, 6, 9}
+        table = on_a("links")
+        assert table.split("\n")[0].split()[:2] == ["HOST", "LINK"]
+        assert re.search(r"^c\s+unreachable: no tunnelscope control at", table, re.M)
+        assert "(Connection refused)" in table  # the rest of the row, wrapped to fit
+        [link, down] = json.loads(on_a("links", "--json"))
+        assert link["host"] == "b" and down["host"] == "c" and "unreachable" in down
+        assert on_a("capture", "--stop", "PC1", "e0").strip()
+        frames = tshark.fields(str(tmp_path / "captures" / "pc1.pcap"), ["frame.number"])
+        assert len(frames) == forwarded() - before  # post point: what the remote relay delivered

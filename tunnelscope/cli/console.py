@@ -23,7 +23,8 @@ from tunnelscope.cli.labverbs import (
     stats_table,
 )
 from tunnelscope.datapath.impairments import NAMES
-from tunnelscope.lab.control import Code, ControlClient, ControlError, ControlUnavailable, tokenize
+from tunnelscope.lab.control import Code, ControlError, ControlUnavailable, tokenize
+from tunnelscope.lab.hosts import LabHosts
 
 PROMPT = "=> "  # Dynagen's
 LINKTYPES = ("ETH", "HDLC", "PPP", "FR")
@@ -49,7 +50,7 @@ HELP = {
 class ConsoleSession:
     """Reads commands, sends requests, prints replies; one session per console."""
 
-    def __init__(self, client: ControlClient, console: Console) -> None:
+    def __init__(self, client: LabHosts, console: Console) -> None:
         self.client = client
         self.out = console
         self.devices = client.devices()
@@ -232,7 +233,7 @@ def _readline(session: ConsoleSession, history: str | None) -> Any:
     help="Command history file ('' keeps none).",
 )
 @control_option
-def console(history: str, control: str) -> None:
+def console(history: str, control: tuple[str, ...]) -> None:
     """An interactive console on the running lab, in Dynagen's style.
 
     list, show, capture / no capture, filter, stats, help; Tab completes commands, device and

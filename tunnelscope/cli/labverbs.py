@@ -19,13 +19,8 @@ from rich.table import Table
 
 from tunnelscope.cli.common import Failure, echo_json
 from tunnelscope.datapath.engine import CAPTURE_POINTS
-from tunnelscope.lab.control import (
-    CONTROL_ENV,
-    DEFAULT_CONTROL,
-    ControlClient,
-    ControlError,
-    ControlUnavailable,
-)
+from tunnelscope.lab.control import CONTROL_ENV, DEFAULT_CONTROL, ControlError, ControlUnavailable
+from tunnelscope.lab.hosts import LabHosts
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,22 +28,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 def control_option(function: F) -> F:
     return click.option(
         "--control",
-        metavar="HOST:PORT",
+        metavar="[NAME=]HOST:PORT",
         envvar=CONTROL_ENV,
-        default=DEFAULT_CONTROL,
+        multiple=True,
+        default=[DEFAULT_CONTROL],
         show_default=True,
-        help="The control address of the running `tunnelscope serve`.",
+        help="The control address of the running `tunnelscope serve`; several (repeated, or"
+        f" blank-separated in ${CONTROL_ENV}) for a lab spanning hosts, one per host.",
     )(function)
 
 
-def connect(control: str) -> ControlClient:
+def connect(control: tuple[str, ...]) -> LabHosts:
     try:
-        return ControlClient(control)
+        return LabHosts(list(control))
     except (ControlUnavailable, ValueError) as exc:
         raise Failure(str(exc)) from None
 
 
-def ask(client: ControlClient, *words: str) -> list[str]:
+def ask(client: LabHosts, *words: str) -> list[str]:
     """One request; an error reply or a lost connection is the command's one-line error."""
     try:
         return client.request(*words)
@@ -56,7 +53,7 @@ def ask(client: ControlClient, *words: str) -> list[str]:
         raise Failure(str(exc)) from None
 
 
-def fetch_links(client: ControlClient) -> list[dict[str, Any]]:
+def fetch_links(client: LabHosts) -> list[dict[str, Any]]:
     try:
         return client.links()
     except (ControlError, ControlUnavailable) as exc:
@@ -88,7 +85,7 @@ def capture(
     stop: bool,
     point: str,
     pcapng: bool,
-    control: str,
+    control: tuple[str, ...],
 ) -> None:
     """Capture the link on DEVICE INTERFACE into FILE, in the lab's captures directory.
 
@@ -118,7 +115,7 @@ def capture(
 @click.argument("interface")
 @click.argument("words", nargs=-1, required=True, metavar="TYPE in|out|both [ARGS]... | none")
 @control_option
-def filter_(device: str, interface: str, words: tuple[str, ...], control: str) -> None:
+def filter_(device: str, interface: str, words: tuple[str, ...], control: tuple[str, ...]) -> None:
     """Set an impairment on DEVICE INTERFACE, as Dynagen's `filter` did; `none` removes them.
 
     in, out and both are the directions as DEVICE sees them: in is what it receives. Every
@@ -138,7 +135,7 @@ def filter_(device: str, interface: str, words: tuple[str, ...], control: str) -
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the links as JSON.")
 @control_option
-def links(as_json: bool, control: str) -> None:
+def links(as_json: bool, control: tuple[str, ...]) -> None:
     """List the served links: ends, endpoints, encapsulation, rates, drops, captures.
 
     \b
@@ -159,7 +156,7 @@ def links(as_json: bool, control: str) -> None:
 @click.option("--count", type=int, metavar="N", help="Stop after N refreshes.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds.")
 @control_option
-def stats(as_json: bool, count: int | None, interval: float, control: str) -> None:
+def stats(as_json: bool, count: int | None, interval: float, control: tuple[str, ...]) -> None:
     """Show every link's per-direction rates, drops by cause and capture state, live.
 
     \b
@@ -224,16 +221,33 @@ def _capture(link: dict[str, Any]) -> str:
     return f"{capture['path']} ({capture['frames']} frames, {capture['point']})"
 
 
+def _hosts(data: list[dict[str, Any]]) -> bool:
+    """Links of several hosts: tables get a HOST column."""
+    return any("host" in link for link in data)
+
+
+def _unreachable(table: Table, link: dict[str, Any]) -> bool:
+    """A host that did not answer: one row saying so."""
+    if "unreachable" not in link:
+        return False
+    cells = [link["host"], f"unreachable: {link['unreachable']}"]
+    table.add_row(*cells, *[""] * (len(table.columns) - 2))
+    return True
+
+
 def links_table(data: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for column in ("LINK", "ENDPOINTS", "ENCAP", "FILTERS", "FWD/S A>B", "FWD/S B>A"):
-        table.add_column(column)
-    for column in ("DROPS", "CAPTURE"):
+    columns = ("LINK", "ENDPOINTS", "ENCAP", "FILTERS", "FWD/S A>B", "FWD/S B>A", "DROPS")
+    for column in ("HOST", *columns, "CAPTURE") if _hosts(data) else (*columns, "CAPTURE"):
         table.add_column(column)
     for link in data:
+        if _unreachable(table, link):
+            continue
         stats = link.get("stats") or {}
         drops = [_drops(stats.get(d)) for d in ("a2b", "b2a")] if stats else ["stopped"]
+        host = [link["host"]] if "host" in link else []
         table.add_row(
+            *host,
             link_title(link),
             "\n".join(link["endpoints"]),
             link.get("encapsulation") or "auto",
@@ -249,17 +263,21 @@ def links_table(data: list[dict[str, Any]]) -> Table:
 def stats_table(data: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False, title=time.strftime("%H:%M:%S"), title_justify="left")
     columns = ("LINK", "DIRECTION", "RX/S", "FWD/S", "RECEIVED", "FORWARDED", "DROPPED", "QUEUED")
-    for column in (*columns, "CAPTURE"):
+    for column in ("HOST", *columns, "CAPTURE") if _hosts(data) else (*columns, "CAPTURE"):
         table.add_column(column, justify="right" if column.endswith(("/S", "ED")) else "left")
     for link in data:
+        if _unreachable(table, link):
+            continue
+        host = [link["host"]] if "host" in link else []
         stats = link.get("stats")
         if not stats:
-            table.add_row(link_title(link), "stopped", *["-"] * 6, _capture(link))
+            table.add_row(*host, link_title(link), "stopped", *["-"] * 6, _capture(link))
             continue
         ends = link.get("ends") or ["a", "b"]
         for direction, (src, dst) in (("a2b", ends), ("b2a", ends[::-1])):
             counters = stats[direction]
             table.add_row(
+                *(host if direction == "a2b" else [""] * len(host)),
                 link_title(link) if direction == "a2b" else "",
                 f"{src} > {dst}",
                 _rate(link, direction, "received"),

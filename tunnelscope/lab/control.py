@@ -1078,7 +1078,11 @@ def run_service(
 
 
 class ControlUnavailable(Exception):
-    """No tunnelscope answers at the control address."""
+    """No tunnelscope answers at the control address; `reason` says so without advice."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class ControlClient:
@@ -1090,9 +1094,11 @@ class ControlClient:
         try:
             self.sock = socket.create_connection((host, port), timeout)
         except OSError as exc:
+            reason = f"no tunnelscope control at {self.address} ({exc.strerror or exc})"
             raise ControlUnavailable(
-                f"no tunnelscope control at {self.address} ({exc.strerror or exc}); start"
-                f" `tunnelscope serve LAB`, or give --control HOST:PORT or ${CONTROL_ENV}"
+                f"{reason}; start `tunnelscope serve LAB`, or give --control HOST:PORT or"
+                f" ${CONTROL_ENV}",
+                reason,
             ) from None
         self._stream = self.sock.makefile("rb")
 
