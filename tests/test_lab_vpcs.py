@@ -292,14 +292,18 @@ def two_host_lab(tmp_path: Path, relay: str = "") -> tuple[Path, dict[str, dict]
 
 
 def serve_hosts(
-    stack: contextlib.ExitStack, lab: Path, hosts: tuple[peers.Netns, peers.Netns], control: str
+    stack: contextlib.ExitStack,
+    lab: Path,
+    hosts: tuple[peers.Netns, peers.Netns],
+    control: str,
+    stream: str = "off",
 ) -> list[str]:
     """Each host's `serve LAB --host` in its namespace; their control addresses."""
     addresses = []
     for ns, host in zip(hosts, HOSTS):
         log = stack.enter_context(open(lab.parent / f"serve-{host}.err", "w+"))  # noqa: SIM115
-        command = ["ip", "netns", "exec", ns.name, *TUNNELSCOPE, "serve", str(lab)]
-        command += ["--host", host, "--control", control.format(host=host), "--stream", "off"]
+        command = ["ip", "netns", "exec", ns.name, *TUNNELSCOPE, "serve", str(lab), "--host", host]
+        command += ["--control", control.format(host=host), "--stream", stream.format(host=host)]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         addresses.append(stack.enter_context(contextlib.contextmanager(_serving)(process, log)))
     return addresses
@@ -338,12 +342,12 @@ def test_a_lab_spanning_two_hosts_carries_pings_of_every_size(tmp_path: Path) ->
 @tshark.required
 def test_one_console_drives_a_link_relayed_on_another_host(tmp_path: Path) -> None:
     """From host a, the verbs reach the link host b relays (relay = b): a capture there that
-    tshark reads, freq_drop in 3 on it, and a links table with a HOST column; a third host
-    that does not answer is shown as such."""
+    tshark reads, freq_drop in 3 on it, a capture streamed from b into a file on a, and a
+    links table with a HOST column; a third host that does not answer is shown as such."""
     lab, rows = two_host_lab(tmp_path, relay=f" relay = {HOSTS[1]}\n")
     assert rows[""]["hosts"] == {HOSTS[0]: [], HOSTS[1]: ["PC1:e0--PC2:e0"]}
     with two_hosts() as (host_a, host_b), contextlib.ExitStack() as stack:
-        controls = serve_hosts(stack, lab, (host_a, host_b), "{host}:0")
+        controls = serve_hosts(stack, lab, (host_a, host_b), "{host}:0", stream="{host}:0")
         pc1 = stack.enter_context(host_pc("PC1", rows["PC1"], host_a, 0))
         pc2 = stack.enter_context(host_pc("PC2", rows["PC2"], host_b, 1))
         pc1.set_ip("10.0.0.1/24")
@@ -361,7 +365,8 @@ def test_one_console_drives_a_link_relayed_on_another_host(tmp_path: Path) -> No
             return stats["a2b"]["forwarded"] + stats["b2a"]["forwarded"]
 
         before = forwarded()  # the PCs' own start-up frames went by already
-        assert on_a("capture", "PC1", "e0", "pc1.pcap").startswith("capturing PC1 e0 to")
+        capture = ("capture", "PC1", "e0", "pc1.pcap", "--remote-file")
+        assert on_a(*capture).startswith("capturing PC1 e0 to")
         assert lost(pc1.ping("10.0.0.2", count=3)) == set()
         assert on_a("filter", "PC1", "e0", "freq_drop", "in", "3").strip()
         assert lost(pc1.ping("10.0.0.2", count=9)) == {3, 6, 9}
@@ -374,3 +379,23 @@ def test_one_console_drives_a_link_relayed_on_another_host(tmp_path: Path) -> No
         assert on_a("capture", "--stop", "PC1", "e0").strip()
         frames = tshark.fields(str(tmp_path / "captures" / "pc1.pcap"), ["frame.number"])
         assert len(frames) == forwarded() - before  # post point: what the remote relay delivered
+
+        here = tmp_path / "here"  # the user's directory on host a
+        here.mkdir()
+        command = ["ip", "netns", "exec", host_a.name, *TUNNELSCOPE, "capture", "PC1", "e0"]
+        streamed = subprocess.Popen(
+            [*command, "here.pcapng", *flags], cwd=here, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert streamed.stdout is not None
+            started = streamed.stdout.readline()
+            assert started.startswith("capturing PC1 e0 (relayed on b) into here.pcapng"), started
+            assert on_a("filter", "PC1", "e0", "none").strip()
+            before = forwarded()
+            assert lost(pc1.ping("10.0.0.2", count=4)) == set()
+            delivered = forwarded() - before
+        finally:
+            streamed.send_signal(signal.SIGINT)
+            assert streamed.wait(15) == 0
+        frames = tshark.fields(str(here / "here.pcapng"), ["icmp.seq"])
+        assert len(frames) == delivered  # every frame b delivered, streamed into a's file

@@ -21,10 +21,12 @@ from tunnelscope.cli.labverbs import (
     link_title,
     links_table,
     stats_table,
+    stream_capture,
 )
 from tunnelscope.datapath.impairments import NAMES
 from tunnelscope.lab.control import Code, ControlError, ControlUnavailable, tokenize
 from tunnelscope.lab.hosts import LabHosts
+from tunnelscope.lab.stream import StreamedCapture
 
 PROMPT = "=> "  # Dynagen's
 LINKTYPES = ("ETH", "HDLC", "PPP", "FR")
@@ -54,6 +56,7 @@ class ConsoleSession:
         self.client = client
         self.out = console
         self.devices = client.devices()
+        self.streamed: dict[tuple[str, str], StreamedCapture] = {}  # links of other hosts
         self.handlers: dict[str, Callable[[list[str]], None]] = {
             "list": self._list,
             "show": self._show,
@@ -116,13 +119,39 @@ class ConsoleSession:
     def _capture(self, args: list[str]) -> None:
         self._usage(args, 3, 4, "capture")
         linktype = args[3] if len(args) == 4 else "auto"
-        self.out.print(self._ask("lab", "capture", *args[:3], linktype)[-1])
+        remote = self.client.remote_stream(args[0], args[1])
+        if remote is None:
+            self.out.print(self._ask("lab", "capture", *args[:3], linktype)[-1])
+            return
+        key = (args[0], args[1])
+        if key in self.streamed and self.streamed[key].running:
+            raise ControlError(Code.START, f"{args[0]} {args[1]} is already being captured here")
+        host, address, link, token = remote
+        try:
+            self.streamed[key] = stream_capture(
+                address, link, token, args[2], linktype, "post", False
+            )
+        except Failure as exc:
+            raise ControlError(Code.FILE, exc.format_message()) from None
+        self.out.print(
+            f"capturing {args[0]} {args[1]} (relayed on {host.name}) into {args[2]} here"
+        )
 
     def _no(self, args: list[str]) -> None:
         if not args or args[0] != "capture":
             raise ControlError(Code.UNK_CMD, "usage: no capture DEVICE INTERFACE")
         self._usage(args[1:], 2, 2, "no")
-        self.out.print(self._ask("lab", "stop_capture", *args[1:])[-1])
+        streamed = self.streamed.pop((args[1], args[2]), None)
+        if streamed is None:
+            self.out.print(self._ask("lab", "stop_capture", *args[1:])[-1])
+            return
+        streamed.stop()
+        self.out.print(f"stopped: {streamed.bytes} bytes in {streamed.path}")
+
+    def close(self) -> None:
+        """Streams into files here end with the console; the lab goes on."""
+        for streamed in self.streamed.values():
+            streamed.stop()
 
     def _filter(self, args: list[str]) -> None:
         self._usage(args, 3, 14, "filter")
@@ -252,7 +281,7 @@ def console(history: str, control: tuple[str, ...]) -> None:
         except (ControlError, ControlUnavailable) as exc:
             raise Failure(str(exc)) from None
         click.echo(f"tunnelscope console on {client.address}: help lists the commands")
-        with _readline(session, history or None):
+        with _readline(session, history or None), contextlib.closing(session):
             while True:
                 try:
                     line = input(PROMPT)

@@ -6,7 +6,9 @@ process does the work, so a verb can never leave the lab half-configured.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +22,8 @@ from rich.table import Table
 from tunnelscope.cli.common import Failure, echo_json
 from tunnelscope.datapath.engine import CAPTURE_POINTS
 from tunnelscope.lab.control import CONTROL_ENV, DEFAULT_CONTROL, ControlError, ControlUnavailable
-from tunnelscope.lab.hosts import LabHosts
+from tunnelscope.lab.hosts import Host, LabHosts
+from tunnelscope.lab.stream import Request, StreamedCapture, StreamError, tunnel_linktype
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,6 +79,12 @@ def fetch_links(client: LabHosts) -> list[dict[str, Any]]:
     " in pcapng; both: two pcapng interfaces.",
 )
 @click.option("--pcapng", is_flag=True, help="Write pcapng whatever FILE is called.")
+@click.option(
+    "--remote-file",
+    is_flag=True,
+    help="A link another host relays: write FILE there, in its captures directory (default:"
+    " streamed here, into FILE, until Ctrl-C).",
+)
 @control_option
 def capture(
     device: str,
@@ -85,12 +94,15 @@ def capture(
     stop: bool,
     point: str,
     pcapng: bool,
+    remote_file: bool,
     control: tuple[str, ...],
 ) -> None:
     """Capture the link on DEVICE INTERFACE into FILE, in the lab's captures directory.
 
     The encapsulation is detected from the first frames when LINKTYPE is omitted. FILE is
-    relative to the captures directory of the served lab; names leaving it are refused.
+    relative to the captures directory of the served lab; names leaving it are refused. In a
+    lab spanning hosts (one --control per host), a link another host relays is streamed from
+    it into FILE here until Ctrl-C, or written there with --remote-file.
 
     \b
     Examples:
@@ -106,8 +118,53 @@ def capture(
             return
         if not file:
             raise Failure("give the capture FILE (or --stop)")
-        words = [file, linktype or "auto", point] + (["pcapng"] if pcapng else [])
-        click.echo(ask(client, "lab", "capture", device, interface, *words)[-1])
+        remote = None if remote_file else _remote(client, device, interface)
+        if remote is None:
+            words = [file, linktype or "auto", point] + (["pcapng"] if pcapng else [])
+            click.echo(ask(client, "lab", "capture", device, interface, *words)[-1])
+            return
+    host, address, link, token = remote
+    streamed = stream_capture(address, link, token, file, linktype, point, pcapng)
+    click.echo(f"capturing {device} {interface} (relayed on {host.name}) into {file}; Ctrl-C stops")
+    signal.signal(signal.SIGTERM, lambda *_: streamed.stop())
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the capture, not the lab
+        streamed.wait()
+    streamed.stop()
+    if streamed.error:
+        raise Failure(f"{file}: {streamed.error}")
+    click.echo(f"stopped: {streamed.bytes} bytes in {file}")
+
+
+def _remote(
+    client: LabHosts, device: str, interface: str
+) -> tuple[Host, str, str, str | None] | None:
+    try:
+        return client.remote_stream(device, interface)
+    except (ControlError, ControlUnavailable, ValueError) as exc:
+        raise Failure(str(exc)) from None
+
+
+def stream_capture(
+    address: str,
+    link: str,
+    token: str | None,
+    path: str,
+    linktype: str | None,
+    point: str,
+    pcapng: bool,
+) -> StreamedCapture:
+    """A capture of a link another host relays, streamed into `path` here."""
+    try:
+        request = Request(
+            link=link,
+            points=point,
+            pcapng=pcapng or point == "both" or path.endswith(".pcapng"),
+            linktype=tunnel_linktype(linktype) if linktype and linktype != "auto" else None,
+            token=token,
+        )
+        return StreamedCapture(address, request, path)
+    except StreamError as exc:
+        raise Failure(str(exc)) from None
 
 
 @click.command(name="filter", context_settings={"ignore_unknown_options": True})

@@ -144,6 +144,7 @@ def serve(
             raise Failure(str(exc)) from None
         exits.callback(streams.close)
         streams.start()
+        switchboard.stream = (streams.where, streams.token)
 
     def ready(bound: tuple[str, int]) -> None:
         _print_plan(lab, False)

@@ -253,6 +253,7 @@ class Switchboard:
         self.lab = lab
         self.seed = seed
         self.bridges: dict[str, Bridge] = {}
+        self.stream: tuple[str, str | None] | None = None  # where live streams are, token
         self._next_rates = time.monotonic() + RATE_PERIOD
         self.commands: dict[str, dict[str, tuple[int, int, Handler]]] = {
             "hypervisor": {
@@ -298,6 +299,7 @@ class Switchboard:
                 "capture": (3, 6, self._lab_capture),
                 "stop_capture": (2, 2, self._lab_stop_capture),
                 "filter": (3, 12, self._lab_filter),
+                "stream": (0, 0, self._lab_stream),
             },
         }
 
@@ -696,6 +698,14 @@ class Switchboard:
     def _lab_find(self, device: str, interface: str) -> str:
         bridge, side = self._lab_bridge(device, interface)
         return f"{bridge.name} {'ab'[side]}"
+
+    def _lab_stream(self) -> Reply:
+        """Where this process serves live streams (and their token): a console on another
+        host captures a link relayed here through them."""
+        if self.stream is None:
+            raise ControlError(Code.NOT_FOUND, "no live streams are served here (--stream off)")
+        where, token = self.stream
+        return Reply(info=[where] + ([f"token {token}"] if token else []))
 
     def _lab_links(self) -> Reply:
         return Reply(info=[json.dumps(self.describe(b)) for b in self.bridges.values()])

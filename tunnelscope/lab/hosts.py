@@ -20,6 +20,7 @@ from tunnelscope.lab.control import (
     ControlUnavailable,
     parse_address,
 )
+from tunnelscope.lab.labfile import is_loopback
 
 _BY_DEVICE = ("capture", "stop_capture", "filter", "find")  # `lab VERB DEVICE ...`
 
@@ -99,6 +100,35 @@ class LabHosts:
 
     def devices(self) -> dict[str, list[str]]:
         return {device: names for _, device, names in self._devices()}
+
+    def remote_stream(
+        self, device: str, interface: str
+    ) -> tuple[Host, str, str, str | None] | None:
+        """For a link another machine relays: (its host, the stream address, the link's
+        name, the token); None when it is relayed here (a host reached over loopback).
+
+        ControlError when that host serves no streams a console elsewhere can reach.
+        """
+        if not self.several:
+            return None
+        host = self._host_of(device)
+        control_host = parse_address(host.address)[0]
+        if is_loopback(control_host):
+            return None
+        found = self._ask(host, ("lab", "find", device, interface))[-1]
+        lines = self._ask(host, ("lab", "stream"))[:-1]
+        stream_host, port = parse_address(lines[0])
+        if stream_host in ("0.0.0.0", "::"):  # every address: the one its control answers on
+            stream_host = control_host
+        elif is_loopback(stream_host):
+            raise ControlError(
+                Code.UNSPECIFIED,
+                f"host {host.name} serves its live streams on loopback only; give its serve"
+                " --stream ADDRESS:PORT (or capture with --remote-file)",
+            )
+        token = lines[1].removeprefix("token ") if len(lines) > 1 else None
+        where = f"[{stream_host}]:{port}" if ":" in stream_host else f"{stream_host}:{port}"
+        return host, where, found.rsplit(" ", 1)[0], token
 
     def close(self) -> None:
         for host in self.hosts:

@@ -254,7 +254,8 @@ def _our_address(remote_host: str) -> str:
     return str(address) if address.is_loopback else "THIS_HOST"
 
 
-def _loopback_name(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A loopback address or `localhost`: this machine, and only from itself."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -814,7 +815,7 @@ class _NetLab:
                 used.setdefault(device.site, set()).update((emulator, ours))
                 link_end.host = device.site
                 if device.site != link.relay:
-                    if _loopback_name(device.host):
+                    if is_loopback(device.host):
                         raise _Problem(
                             wire.line,
                             f"{link_end.end} is on [{device.section}], which {link.relay} cannot"

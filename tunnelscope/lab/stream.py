@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 import json
 import os
 import secrets
@@ -44,6 +43,7 @@ from tunnelscope.datapath.engine import CAPTURE_POINTS, Engine, Link
 from tunnelscope.formats.capture import CaptureError, Format
 from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
 from tunnelscope.lab.control import ControlError, listen_tcp, parse_address, tokenize
+from tunnelscope.lab.labfile import is_loopback
 
 REQUEST_WAIT = 1.0  # seconds before a silent client gets the default capture
 REQUEST_TIMEOUT = 5.0  # seconds to finish a request (an HTTP request's headers included)
@@ -159,13 +159,6 @@ def tunnel_linktype(text: str) -> LinkType:
     if linktype not in TUNNEL_LINKTYPES:
         raise StreamError(f"link type {text} is not one a lab tunnel carries")
     return linktype
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def required_token(host: str, token: str | None, no_token: bool = False) -> str | None:
@@ -508,6 +501,46 @@ def copy_stream(sock: socket.socket, fd: int) -> int:
             view = view[os.write(fd, view) :]
         total += len(data)
     return total
+
+
+class StreamedCapture:
+    """A live stream written to a local file by a thread, until `stop` or the stream ends:
+    how a console captures a link another host relays into a file where the user is."""
+
+    def __init__(self, address: str, request: Request, path: str) -> None:
+        self.path = path
+        self.error: str | None = None
+        self.sock = connect(address, request)  # StreamError, before any file exists
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self.sock.close()
+            raise StreamError(f"cannot write {path}: {exc.strerror}") from None
+        self.bytes = 0
+        self._thread = threading.Thread(target=self._copy, name=f"capture {path}", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            self.bytes = copy_stream(self.sock, self._fd)
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+        finally:
+            os.close(self._fd)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def stop(self) -> None:
+        """End the stream; what arrived is in the file."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        self.sock.close()
 
 
 # --- the registry of running instances -------------------------------------------------------
