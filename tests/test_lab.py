@@ -388,3 +388,19 @@ def test_an_end_on_this_host_named_localhost_cannot_be_reached_from_another(
     here = write(tmp_path, "here.net", text.replace(" relay = bender\n", ""))
     assert [row[-1] for row in plan_of(here)] == ["localhost", "localhost"]  # relayed here
     assert [link.name for link in load_lab(here).part(None).links] == ["R1:s1/0--R2:s1/0"]
+
+
+def test_serving_a_part_names_what_cannot_run(tmp_path: Path) -> None:
+    text = (LABS / "multiserver.net").read_text().replace("[bender:7200]", "[bender.invalid]")
+    path = write(tmp_path, "multiserver.net", text)
+    done = tunnelscope("serve", path, "--host", "xplt", "--control", "127.0.0.1:0")
+    assert done.returncode == 2
+    assert done.stderr.startswith("tunnelscope: error: R1:s1/0--R2:s1/0: udp:10002:bender.invalid")
+    assert "cannot resolve remote host 'bender.invalid'" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    done = tunnelscope("serve", path, "--control", "127.0.0.1:0")
+    assert (done.returncode, done.stderr) == (
+        2,
+        "tunnelscope: error: multiserver spans hosts xplt, bender.invalid; say which one this is"
+        " with --host\n",
+    )
