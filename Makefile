@@ -21,7 +21,7 @@
 # ASAN_PYTEST_ARGS (default: skip the bridge tests' pure-Python backend, which runs no C and
 # is too slow under the preloaded ASan allocator for its 20,000-frame bursts).
 
-PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+PYTHON ?= $(if $(wildcard .venv/bin/python),$(abspath .venv/bin/python),python3)
 CC ?= gcc
 ASAN_TESTS ?= tests/test_fastpath.py $(wildcard tests/test_bridge*.py)
 ASAN_PYTEST_ARGS ?= -k "not python"

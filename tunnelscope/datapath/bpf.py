@@ -3,8 +3,8 @@
 `compile_filter` asks libpcap (through ctypes, `pcap_open_dead` + `pcap_compile`) for the
 program of an expression *for the link's own link type*, so offsets are right on C-HDLC (104),
 PPP (50), Frame Relay (107) and Ethernet (1). `run` is the reference interpreter; the C fast
-path runs the same programs (`bpf_run` in tunnelscope/nio/_fastpath.c), both forward only and
-bounds-checked: a load past the end of the frame rejects it, as in the kernel.
+path runs the same programs (`bpf_run` in tunnelscope/nio/fastpath/bpf.c), both forward only
+and bounds-checked: a load past the end of the frame rejects it, as in the kernel.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What every endpoint shares: the parsed spec, the Endpoint interface, the error type.
 
 An endpoint (a dynamips/ubridge "NIO") is one end of a lab link. The relay loops (pure
-Python in tunnelscope/datapath/pipeline.py, C in _fastpath.c) only need `fileno()` and `kind`; the
-batch methods here are the pure-Python data path and the reference the C loop mirrors.
+Python in tunnelscope/datapath/pipeline.py, C in tunnelscope/nio/fastpath/loop.c) only need
+`fileno()` and `kind`; the batch methods here are the pure-Python data path and the reference
+the C loop mirrors (tunnelscope/nio/fastpath/endpoint.c).
 """
 
 from __future__ import annotations

@@ -1,0 +1,302 @@
+/*
+ * tunnelscope/nio/fastpath/capture.c - capture records encoded in C, and when they are written.
+ *
+ * The core of the Capture type (capture_type.c). The loop encodes pcap records and pcapng
+ * EPBs (with epb_flags and the "dropped by" comment) straight into the capture's buffer, under
+ * its lock; the buffer is written with one write() per batch or flush timer, the policy of
+ * tunnelscope.formats.capture.RecordSink. A ring buffer ends files at cuts in the buffer, which
+ * rotate() writes to the next file. A failed write cuts a regular file back to its last whole
+ * record and stops the capture, never the link.
+ */
+#include "fastpath.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define FLUSH_BYTES (1u << 20)        /* a capture buffer this large is written at once */
+#define CAPTURE_KEEP_BYTES (1u << 18) /* capacity a capture buffer keeps after a flush */
+#define STALL_BYTES (4u << 20)        /* a non-blocking reader this far behind has stalled */
+#define RETRY_NS 10000000LL           /* a blocked (EAGAIN) capture is retried this often */
+
+static inline void put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static inline size_t pad4(size_t n) { return (4 - (n & 3)) & 3; }
+
+void cap_release(CaptureObject *c)
+{
+    c->closed = true;
+    free(c->buf);
+    c->buf = NULL;
+    c->len = c->cap = 0;
+    c->oldest = -1;
+    if (c->close_fd && c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+}
+
+static void cap_fail(CaptureObject *c, int err)
+{
+    char text[128];
+    const char *reason = strerror_r(err, text, sizeof text);
+    snprintf(c->error, sizeof c->error, "capture stopped: %s", reason);
+    c->failed = true;
+    cap_release(c);
+}
+
+/* Bytes of the current file still in buf: up to the first cut. */
+static size_t cap_head(const CaptureObject *c) { return c->ncuts ? c->cuts[0] : c->len; }
+
+/* Drop the first n bytes of buf (written), moving the cuts along. */
+static void cap_consume(CaptureObject *c, size_t n)
+{
+    memmove(c->buf, c->buf + n, c->len - n);
+    c->len -= n;
+    for (size_t i = 0; i < c->ncuts; i++)
+        c->cuts[i] -= n;
+}
+
+/* Write the current file's buffered bytes. A non-blocking reader that is not keeping up
+ * (EAGAIN) keeps the rest buffered, up to STALL_BYTES. The caller holds c->lock. */
+void cap_flush(CaptureObject *c)
+{
+    size_t head = cap_head(c);
+    if (c->closed || !c->has_header || head == 0)
+        return;
+    size_t done = 0;
+    c->blocked = false;
+    while (done < head) {
+        ssize_t n = write(c->fd, c->buf + done, head - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->blocked = true;
+            break;
+        }
+        if (n <= 0) {
+            int err = n < 0 ? errno : EIO;
+            if (c->seekable) /* cut the half-written batch so the file ends on a record */
+                (void)!ftruncate(c->fd, c->offset);
+            cap_fail(c, err);
+            return;
+        }
+        done += (size_t)n;
+    }
+    c->offset += (off_t)done;
+    c->written += done;
+    cap_consume(c, done);
+    if (c->blocked) {
+        if (c->len > STALL_BYTES) {
+            snprintf(c->error, sizeof c->error, "reader stalled");
+            c->failed = true;
+            cap_release(c);
+        } else {
+            c->oldest = mono_ns();
+        }
+        return;
+    }
+    c->oldest = c->len ? mono_ns() : -1;
+    if (c->cap > 2 * CAPTURE_KEEP_BYTES) { /* a burst grew it: give the memory back */
+        uint8_t *buf = realloc(c->buf, CAPTURE_KEEP_BYTES);
+        if (buf) {
+            c->buf = buf;
+            c->cap = CAPTURE_KEEP_BYTES;
+        }
+    }
+}
+
+static bool cap_reserve(CaptureObject *c, size_t extra)
+{
+    if (c->len + extra <= c->cap)
+        return true;
+    size_t cap = c->cap ? c->cap : 65536;
+    while (cap < c->len + extra)
+        cap *= 2;
+    uint8_t *buf = realloc(c->buf, cap);
+    if (!buf) {
+        cap_fail(c, ENOMEM);
+        return false;
+    }
+    c->buf = buf;
+    c->cap = cap;
+    return true;
+}
+
+/* Append raw bytes (header blocks, records from Python). */
+bool cap_put(CaptureObject *c, const void *data, size_t len)
+{
+    if (!cap_reserve(c, len))
+        return false;
+    if (len)
+        memcpy(c->buf + c->len, data, len);
+    c->len += len;
+    return true;
+}
+
+/* Put a header before everything buffered (the cuts move along). */
+bool cap_prepend(CaptureObject *c, const void *header, size_t n)
+{
+    if (!cap_reserve(c, n))
+        return false;
+    memmove(c->buf + n, c->buf, c->len);
+    memcpy(c->buf, header, n);
+    c->len += n;
+    for (size_t i = 0; i < c->ncuts; i++)
+        c->cuts[i] += n;
+    return true;
+}
+
+/* Records counted and buffered: the flush policy of RecordSink.append. */
+void cap_appended(CaptureObject *c, uint64_t count, int64_t now)
+{
+    if (c->closed)
+        return;
+    c->frames += count;
+    if (c->oldest < 0)
+        c->oldest = now;
+    if ((c->flush_ns < 0 && !c->blocked) || cap_head(c) >= FLUSH_BYTES)
+        cap_flush(c);
+}
+
+/* Bytes the open segment's file will hold (its header included). */
+static uint64_t cap_file_bytes(const CaptureObject *c)
+{
+    if (c->ncuts)
+        return c->header_len + (c->len - c->cuts[c->ncuts - 1]);
+    return c->written + c->len;
+}
+
+/* End the open file here: the next record starts a new one. */
+void cap_cut(CaptureObject *c)
+{
+    if (c->ncuts == MAX_CUTS) { /* nobody rotates: keep writing into the last file */
+        return;
+    }
+    c->cuts[c->ncuts++] = c->len;
+    c->file_frames = 0;
+}
+
+/* May one more record be taken? Ends a full file first (ring buffer). */
+static bool cap_admit(CaptureObject *c)
+{
+    if (c->closed || (c->max_frames && c->frames >= c->max_frames))
+        return false;
+    if ((c->limit_frames && c->file_frames >= c->limit_frames) ||
+        (c->limit_bytes && c->file_frames && cap_file_bytes(c) >= c->limit_bytes))
+        cap_cut(c);
+    c->file_frames++;
+    c->frames++;
+    return true;
+}
+
+/* When the timer must flush this capture next; INT64_MAX: never. Caller holds c->lock. */
+int64_t cap_deadline(const CaptureObject *c)
+{
+    if (c->closed || !c->has_header || c->oldest < 0 || cap_head(c) == 0)
+        return INT64_MAX;
+    int64_t delay = c->flush_ns > 0 ? c->flush_ns : 0;
+    return c->oldest + (c->blocked && delay < RETRY_NS ? RETRY_NS : delay);
+}
+
+/* Start a record (pcap: the whole record; pcapng: the EPB up to its options). Returns its
+ * offset in the buffer, or SIZE_MAX when the capture stopped. */
+size_t cap_begin(CaptureObject *c, uint32_t iface, int64_t ts, const uint8_t *data,
+                        uint32_t len)
+{
+    uint32_t caplen = len < c->snaplen ? len : c->snaplen;
+    if (!cap_admit(c))
+        return SIZE_MAX;
+    size_t off = c->len;
+    if (c->pcapng) {
+        size_t body = caplen + pad4(caplen);
+        if (!cap_reserve(c, 28 + body))
+            return SIZE_MAX;
+        uint8_t *p = c->buf + off;
+        put32(p, 6);
+        put32(p + 4, 0); /* total length, set by cap_end */
+        put32(p + 8, iface);
+        put32(p + 12, (uint32_t)((uint64_t)ts >> 32));
+        put32(p + 16, (uint32_t)ts);
+        put32(p + 20, caplen);
+        put32(p + 24, len);
+        memcpy(p + 28, data, caplen);
+        memset(p + 28 + caplen, 0, body - caplen);
+        c->len += 28 + body;
+    } else {
+        if (!cap_reserve(c, 16 + (size_t)caplen))
+            return SIZE_MAX;
+        uint8_t *p = c->buf + off;
+        uint64_t sec = (uint64_t)ts / 1000000000u, frac = (uint64_t)ts % 1000000000u;
+        put32(p, (uint32_t)sec);
+        put32(p + 4, (uint32_t)(c->nanosecond ? frac : frac / 1000));
+        put32(p + 8, caplen);
+        put32(p + 12, len);
+        memcpy(p + 16, data, caplen);
+        c->len += 16 + (size_t)caplen;
+    }
+    return off;
+}
+
+/* Finish a pcapng EPB: epb_flags, the "dropped by a, b" comment, end of options, length. */
+void cap_end(CaptureObject *c, size_t off, uint32_t flags, const dir_t *d,
+                    const int *causes, size_t ncauses)
+{
+    static const char prefix[] = "dropped by ";
+    if (off == SIZE_MAX || c->closed || !c->pcapng)
+        return;
+    size_t clen = 0;
+    if (ncauses) {
+        clen = sizeof prefix - 1;
+        for (size_t i = 0; i < ncauses; i++)
+            clen += strlen(d->causes[causes[i]].name) + (i ? 2 : 0);
+    }
+    size_t need = (flags ? 8 : 0) + (clen ? 4 + clen + pad4(clen) : 0) + 4 + 4;
+    if (!cap_reserve(c, need))
+        return;
+    uint8_t *p = c->buf + c->len;
+    if (flags) {
+        put16(p, 2);
+        put16(p + 2, 4);
+        put32(p + 4, flags);
+        p += 8;
+    }
+    if (clen) {
+        put16(p, 1);
+        put16(p + 2, (uint16_t)clen);
+        p += 4;
+        memcpy(p, prefix, sizeof prefix - 1);
+        p += sizeof prefix - 1;
+        for (size_t i = 0; i < ncauses; i++) {
+            if (i) {
+                memcpy(p, ", ", 2);
+                p += 2;
+            }
+            size_t n = strlen(d->causes[causes[i]].name);
+            memcpy(p, d->causes[causes[i]].name, n);
+            p += n;
+        }
+        memset(p, 0, pad4(clen));
+        p += pad4(clen);
+    }
+    if (flags || clen) {
+        put32(p, 0); /* opt_endofopt */
+        p += 4;
+    }
+    size_t total = (size_t)(p - (c->buf + off)) + 4;
+    put32(p, (uint32_t)total);
+    put32(c->buf + off + 4, (uint32_t)total);
+    c->len = off + total;
+}
