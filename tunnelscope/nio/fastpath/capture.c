@@ -90,17 +90,21 @@ void cap_flush(CaptureObject *c)
             int err = n < 0 ? errno : EIO;
             if (c->seekable) /* cut the half-written batch so the file ends on a record */
                 (void)!ftruncate(c->fd, c->offset);
+            c->frames = c->frames_out; /* what the file holds, not what was offered */
             cap_fail(c, err);
             return;
         }
         done += (size_t)n;
     }
+    if (done == head)
+        c->frames_out = c->ncuts ? c->cut_frames[0] : c->frames;
     c->offset += (off_t)done;
     c->written += done;
     cap_consume(c, done);
     if (c->blocked) {
         if (c->len > STALL_BYTES) {
             snprintf(c->error, sizeof c->error, "reader stalled");
+            c->frames = c->frames_out;
             c->failed = true;
             cap_release(c);
         } else {
@@ -185,6 +189,7 @@ void cap_cut(CaptureObject *c)
     if (c->ncuts == MAX_CUTS) { /* nobody rotates: keep writing into the last file */
         return;
     }
+    c->cut_frames[c->ncuts] = c->frames;
     c->cuts[c->ncuts++] = c->len;
     c->file_frames = 0;
 }

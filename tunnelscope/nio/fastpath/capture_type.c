@@ -220,7 +220,8 @@ static PyObject *Capture_rotate(CaptureObject *c, PyObject *args)
             c->seekable = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
             c->offset = 0;
             c->written = 0;
-            memmove(c->cuts, c->cuts + 1, --c->ncuts * sizeof *c->cuts);
+            memmove(c->cuts, c->cuts + 1, (c->ncuts - 1) * sizeof *c->cuts);
+            memmove(c->cut_frames, c->cut_frames + 1, --c->ncuts * sizeof *c->cut_frames);
             if (cap_prepend(c, header.buf, (size_t)header.len))
                 cap_appended(c, 0, mono_ns());
             rotated = true;

@@ -200,7 +200,9 @@ typedef struct {
     uint64_t written;     /* bytes of the current file already written */
     size_t header_len;    /* bytes of the first header, repeated by each new file */
     size_t cuts[MAX_CUTS]; /* offsets in buf where a finished file ends */
+    uint64_t cut_frames[MAX_CUTS]; /* `frames` when each of those files ended */
     size_t ncuts;
+    uint64_t frames_out; /* frames whose records are all written: what a write error leaves */
 } CaptureObject;
 
 /* A link end. Its counters are the endpoint's own, as in tunnelscope.nio.spec.Endpoint:
