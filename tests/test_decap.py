@@ -379,7 +379,8 @@ def test_locate_udp_handles_padding_snaplen_extension_headers_and_fragments():
     head = locate_udp(bytes(IP(flags="MF", id=9) / UDP() / Raw(bytes(64))), 228)
     assert isinstance(head, Fragment) and (head.offset, head.more) == (0, True)
     tail = locate_udp(bytes(IP(frag=10, proto=17, id=9) / Raw(bytes(64))), 101)
-    assert isinstance(tail, Fragment) and (tail.offset, tail.more, len(tail.data)) == (80, False, 64)
+    assert isinstance(tail, Fragment)
+    assert (tail.offset, tail.more, len(tail.data)) == (80, False, 64)
     assert tail.key == head.key  # one datagram: addresses, identification, protocol
     atomic = IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrFragment(m=0, offset=0) / UDP() / b"xyz"
     assert locate_udp(bytes(atomic), 229)[2:] == (3, 3)  # type: ignore[index]
@@ -600,7 +601,9 @@ def test_output_keeps_input_order_while_links_are_being_detected(tmp_path, backe
 
 
 @needs_c
-@pytest.mark.parametrize("scenario", ["ether4", "sll2v6", "raw", "pcapng", "split", "dedupe"])
+@pytest.mark.parametrize(
+    "scenario", ["ether4", "sll2v6", "raw", "pcapng", "split", "dedupe", "fragments"]
+)
 def test_c_and_python_scanners_write_identical_bytes(tmp_path: Path, scenario: str):
     if scenario == "pcapng":  # two sections, the second with simple packet blocks
         frames = host_frames("sll", V4)
@@ -619,6 +622,19 @@ def test_c_and_python_scanners_write_identical_bytes(tmp_path: Path, scenario: s
         source = write_pcap(tmp_path / "in", 276, host_frames("sll2", V6))
     elif scenario == "raw":
         source = write_pcap(tmp_path / "in", 101, host_frames("raw"))
+    elif scenario == "fragments":  # shuffled, repeated, missing, overlapping, both families
+        rng = random.Random(5)
+        frames = host_frames() + host_frames("ether", V6)
+        for seq in range(40):
+            pieces = fragmented(seq, 4 if seq % 2 else 6, rng.choice((64, 512, 1400)))
+            rng.shuffle(pieces)
+            if seq % 5 == 0:
+                pieces.append(pieces[0])
+            if seq % 7 == 0:
+                pieces.pop()
+            at = rng.randrange(len(frames))
+            frames[at:at] = pieces
+        source = write_pcap(tmp_path / "in", 1, frames)
     else:
         source = write_pcap(tmp_path / "in", 1, host_frames() * 3)
     outputs = []
@@ -631,8 +647,11 @@ def test_c_and_python_scanners_write_identical_bytes(tmp_path: Path, scenario: s
         else:
             target = tmp_path / f"out-{use_c}"
             summary = decap(source, str(target), options=options)
-            outputs.append((target.read_bytes(), summary.written, summary.not_tunnel))
+            counts = (summary.reassembled, summary.lost, summary.duplicate_fragments)
+            outputs.append((target.read_bytes(), summary.written, summary.not_tunnel, *counts))
     assert outputs[0] == outputs[1]
+    if scenario == "fragments":
+        assert outputs[0][3] > 20 and sum(outputs[0][4].values()) > 3
     if scenario == "pcapng":
         assert outputs[0][1] == 2 * 4 * 2 * ROUNDS  # both sections, EPBs and SPBs
 

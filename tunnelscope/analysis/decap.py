@@ -24,8 +24,13 @@ has seen, when the detector is sure, after FRAME_BUDGET frames, when it has wait
 capture time, when more than HOLD_BYTES/HOLD_FRAMES wait behind it, or at end of input. Memory
 is therefore bounded by the 4 MiB input chunk plus those limits, whatever the file size.
 
+IP fragments (`fragments`) are put together by tunnelscope/analysis/reassembly.py (the C
+scanner has the same code): a completed datagram (`reassembled`) is then one frame like any
+other, at the position and time of the fragment that completed it; datagrams that cannot be
+completed are lost frames, counted by reason (`lost`, see reassembly.py).
+
 Left out and counted: frames that are not UDP over IP (`not_udp`, including malformed headers),
-IP fragments of UDP datagrams (`fragments`: reassembly is not done), UDP that is not a tunnel
+UDP that is not a tunnel
 (`not_tunnel`: well-known service ports such as DNS and NTP, flows the detector rejects, and
 with `ports` every link without a listed port) and, with `dedupe`, second copies
 (`duplicates`).

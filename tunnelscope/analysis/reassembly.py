@@ -101,13 +101,12 @@ class Reassembler:
         end = offset + length
         if len(fragment.data) < length:
             return self._abandon(datagram, "snaplen")
-        if (
-            not length
-            or (fragment.more and length % 8)
-            or end + fragment.header_len > 65535
-            or (not fragment.more and (datagram.total and end != datagram.total or end < datagram.top))
-            or (fragment.more and datagram.total and end > datagram.total)
-        ):
+        total = datagram.total
+        if fragment.more:  # a multiple of 8 bytes, within a known end
+            malformed = length % 8 or (total and end > total)
+        else:  # the one end: the same each time, no data beyond it
+            malformed = (total and end != total) or end < datagram.top
+        if malformed or not length or end + fragment.header_len > 65535:
             return self._abandon(datagram, "malformed")
         if _covers(datagram, fragment):
             self.duplicate_fragments += 1
