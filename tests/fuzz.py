@@ -77,9 +77,15 @@ def seed_files() -> list[bytes]:
     return [path.read_bytes() for path in sorted(CAPTURES.glob("*.pcap*"))]
 
 
-def host_capture(frames: list[tuple[int, bytes]], as_pcapng: bool, ipv6: bool) -> bytes:
+def host_capture(
+    frames: list[tuple[int, bytes]],
+    as_pcapng: bool,
+    ipv6: bool,
+    fragments: random.Random | None = None,
+) -> bytes:
     """What tcpdump on the host sees of these lab frames: each one a UDP datagram between
-    two tunnel ports, both ways, over Ethernet."""
+    two tunnel ports, both ways, over Ethernet; with `fragments`, each datagram cut into IP
+    fragments sent in a random order (some repeated, some missing)."""
     records = []
     for number, (_, frame) in enumerate(frames):
         ports = (10001, 10002) if number % 2 else (10002, 10001)
@@ -92,11 +98,36 @@ def host_capture(frames: list[tuple[int, bytes]], as_pcapng: bool, ipv6: bool) -
             ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), number, 0, 64, 17, 0,
                              b"\x7f\x00\x00\x01", b"\x7f\x00\x00\x01") + udp  # fmt: skip
             ether = bytes(12) + b"\x08\x00"
-        records.append((1_700_000_000_000_000_000 + number * 1_000_000, ether + ip))
+        pieces = [ip] if fragments is None else fragmented(fragments, ip, ipv6, number)
+        for piece in pieces:
+            records.append((1_700_000_000_000_000_000 + len(records) * 1_000_000, ether + piece))
     if as_pcapng:
         head = pcapng.section_header() + pcapng.interface_description(1, "lo")
         return head + b"".join(pcapng.enhanced_packet(0, t, f, len(f)) for t, f in records)
     return pcap.global_header(1) + b"".join(pcap.record(t, f) for t, f in records)
+
+
+def fragmented(rng: random.Random, ip: bytes, ipv6: bool, ident: int) -> list[bytes]:
+    """The IP datagram `ip` (no options, no extension headers) as fragments, shuffled."""
+    header, payload = (ip[:40], ip[40:]) if ipv6 else (ip[:20], ip[20:])
+    size = rng.choice((8, 16, 64, 512, 1480))
+    pieces = []
+    for offset in range(0, len(payload), size):
+        data = payload[offset : offset + size]
+        more = offset + size < len(payload)
+        if ipv6:
+            fragment_header = struct.pack(">BBHI", 17, 0, offset | more, ident)
+            length = struct.pack(">H", 8 + len(data))
+            pieces.append(header[:4] + length + b"\x2c" + header[7:] + fragment_header + data)
+        else:
+            fields = struct.pack(">HHH", 20 + len(data), ident, 0x2000 * more | offset >> 3)
+            pieces.append(header[:2] + fields + header[8:] + data)
+    rng.shuffle(pieces)
+    if rng.random() < 0.2:
+        pieces.append(rng.choice(pieces))
+    if rng.random() < 0.1:
+        pieces.pop(rng.randrange(len(pieces)))
+    return pieces
 
 
 def mutate(rng: random.Random, data: bytes, others: list[bytes]) -> bytes:
@@ -160,7 +191,8 @@ def fuzz_decap(rng: random.Random, count: int) -> None:
             picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
             if rng.random() < 0.5:
                 picked = [(t, mutate(rng, d, datas)) for t, d in picked]
-            data = host_capture(picked, rng.random() < 0.5, rng.random() < 0.3)
+            fragments = rng if rng.random() < 0.3 else None
+            data = host_capture(picked, rng.random() < 0.5, rng.random() < 0.3, fragments)
             if rng.random() < 0.5:
                 data = mutate(rng, data, datas)
             dedupe = rng.random() < 0.3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -22,13 +23,20 @@ from click.testing import CliRunner, Result
 from command import TUNNELSCOPE
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    fragment6,
+)
 from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from scapy.layers.ntp import NTP
 from scapy.packet import Raw
 
 from tunnelscope.analysis import decap as decap_module
-from tunnelscope.analysis.decap import FRAGMENT, NOT_UDP, Options, decap, locate_udp
+from tunnelscope.analysis.decap import NOT_UDP, Options, Summary, decap, locate_udp
+from tunnelscope.analysis.reassembly import Fragment
 from tunnelscope.cli import cli
 from tunnelscope.formats import pcap, pcapng
 from tunnelscope.formats.capture import open_capture
@@ -363,25 +371,195 @@ def test_locate_udp_handles_padding_snaplen_extension_headers_and_fragments():
     assert locate_udp(cut, 1)[2:] == (60 - 42, 100)  # type: ignore[index]
     hop = bytes(IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrHopByHop() / UDP(sport=1, dport=2) / b"xy")
     assert locate_udp(hop, 101)[2:] == (2, 2)  # type: ignore[index]
-    frag6 = IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrFragment(m=1) / UDP() / Raw(bytes(64))
-    assert locate_udp(bytes(frag6), 229) == FRAGMENT
-    assert locate_udp(bytes(IP(flags="MF") / UDP() / Raw(bytes(64))), 228) == FRAGMENT
-    assert locate_udp(bytes(IP(frag=10, proto=17) / Raw(bytes(64))), 101) == FRAGMENT
+    frag6 = IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrFragment(m=1, id=7) / UDP() / Raw(bytes(64))
+    first = locate_udp(bytes(frag6), 229)
+    assert isinstance(first, Fragment)
+    assert (first.offset, first.length, first.more, first.next_header) == (0, 72, True, 17)
+    assert first.key[0] == 6 and first.key[33:37] == (7).to_bytes(4, "big")
+    head = locate_udp(bytes(IP(flags="MF", id=9) / UDP() / Raw(bytes(64))), 228)
+    assert isinstance(head, Fragment) and (head.offset, head.more) == (0, True)
+    tail = locate_udp(bytes(IP(frag=10, proto=17, id=9) / Raw(bytes(64))), 101)
+    assert isinstance(tail, Fragment)
+    assert (tail.offset, tail.more, len(tail.data)) == (80, False, 64)
+    assert tail.key == head.key  # one datagram: addresses, identification, protocol
+    atomic = IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrFragment(m=0, offset=0) / UDP() / b"xyz"
+    assert locate_udp(bytes(atomic), 229)[2:] == (3, 3)  # type: ignore[index]
     assert locate_udp(bytes(IP() / TCP()), 101) == NOT_UDP
     assert locate_udp(bytes(Ether() / ARP()), 1) == NOT_UDP
     assert locate_udp(bytes(IP() / UDP())[:25], 101) == NOT_UDP  # UDP header cut
 
 
-def test_fragments_are_counted_and_reported(tmp_path: Path, backend: str):
-    big = inner("ethernet", 1) + bytes(3000)
-    fragments = IP(src=V4[0], dst=V4[1]) / UDP(sport=10001, dport=10002) / Raw(big)
-    ether = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-    frames = host_frames() + [bytes(ether / f) for f in fragment(fragments, fragsize=1400)]
+ETHER = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+def big_frame(seq: int) -> bytes:
+    """An Ethernet lab frame too big for one 1500-byte packet once tunnelled."""
+    return inner("ethernet", seq) + seq.to_bytes(2, "big") * 1500
+
+
+def fragmented(seq: int, family: int = 4, size: int = 1400, **ip: object) -> list[bytes]:
+    """The tunnel datagram of big_frame(seq) as Ethernet-framed IP fragments, in order."""
+    udp = UDP(sport=10001, dport=10002) / Raw(big_frame(seq))
+    if family == 4:
+        return [bytes(ETHER / f) for f in fragment(IP(src=V4[0], dst=V4[1], id=seq) / udp, size)]
+    head = IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrFragment(id=seq)
+    return [bytes(ETHER / f) for f in fragment6(head / udp, size + 48)]
+
+
+def ours(path: str) -> list[bytes]:
+    return [bytes(packet.data) for packet in read_frames(path)]
+
+
+@tshark.required
+@pytest.mark.parametrize("order", ["shuffled", "reversed"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_fragments_in_any_order_are_reassembled(tmp_path: Path, backend: str, family, order):
+    """Ten 3000-byte frames in 3 fragments each, interleaved with the unfragmented tunnels;
+    each comes out whole, in the record of the fragment that completed it."""
+    rng = random.Random(11)
+    frames = host_frames("ether", V4 if family == 4 else V6)
+    for seq in range(10):
+        pieces = fragmented(seq, family)
+        assert len(pieces) == 3
+        rng.shuffle(pieces) if order == "shuffled" else pieces.reverse()
+        at = rng.randrange(len(frames))
+        frames[at:at] = pieces
     source = write_pcap(tmp_path / "host.pcap", 1, frames)
+    out = str(tmp_path / "lab.pcapng")
+    summary = run_json(source, "-w", out)
+    assert (summary["fragments"], summary["reassembled"]) == (30, 10)
+    assert sum(summary["lost"].values()) == 0
+    assert summary["written"] == 4 * 2 * ROUNDS + 10
+    written = ours(out)
+    assert sorted(f for f in written if len(f) > 1500) == sorted(big_frame(s) for s in range(10))
+    # tshark reassembles the input the same way
+    assert len(tshark.fields(source, ["udp.length"], "udp.length > 1500")) == 10
+    assert len(tshark.fields(out, ["icmp.seq"], "frame.len > 1500")) == 10
+
+
+def test_ipv6_extension_headers_around_the_fragment_header(tmp_path: Path, backend: str):
+    """Hop-by-hop before the fragment header (unfragmentable), destination options after it
+    (fragmentable: they come back with the reassembled datagram and are walked then)."""
+    frames = host_frames("ether", V6)
+    udp = UDP(sport=10001, dport=10002) / Raw(big_frame(3))
+    packet = IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(id=3)
+    pieces = [bytes(ETHER / f) for f in fragment6(packet / IPv6ExtHdrDestOpt() / udp, 1400)]
+    assert len(pieces) == 3
+    frames += pieces[::-1]
+    source = write_pcap(tmp_path / "host.pcap", 1, frames)
+    out = str(tmp_path / "lab.pcapng")
+    summary = run_json(source, "-w", out)
+    assert (summary["reassembled"], summary["written"]) == (1, 4 * 2 * ROUNDS + 1)
+    assert ours(out)[-1] == big_frame(3)
+
+
+def test_an_atomic_fragment_is_a_whole_datagram(tmp_path: Path, backend: str):
+    """IPv6 offset 0, M 0 (RFC 6946): a complete datagram, not a fragment to wait for."""
+    frames = host_frames("ether", V6)
+    udp = UDP(sport=10001, dport=10002) / Raw(inner("ethernet", 77))
+    frames.append(bytes(ETHER / IPv6(src=V6[0], dst=V6[1]) / IPv6ExtHdrFragment(id=1) / udp))
+    summary = run_json(write_pcap(tmp_path / "h.pcap", 1, frames), "-w", str(tmp_path / "o"))
+    assert (summary["fragments"], summary["written"]) == (0, 4 * 2 * ROUNDS + 1)
+    assert ours(str(tmp_path / "o"))[-1] == inner("ethernet", 77)
+
+
+def test_duplicate_fragments_are_ignored(tmp_path: Path, backend: str):
+    """A capture on `any` sees each fragment twice (veth and bridge): one frame each, no loss,
+    even for copies arriving after their datagram completed."""
+    frames = host_frames()
+    for seq in range(4):
+        frames += [piece for piece in fragmented(seq) for _ in range(2)]
+    summary = run_json(write_pcap(tmp_path / "h.pcap", 1, frames), "-w", str(tmp_path / "o"))
+    assert (summary["reassembled"], summary["duplicate_fragments"]) == (4, 12)
+    assert summary["written"] == 4 * 2 * ROUNDS + 4 and sum(summary["lost"].values()) == 0
+
+
+def test_overlapping_fragments_lose_their_datagram_once(tmp_path: Path, backend: str):
+    """Linux (RFC 5722) discards a datagram with overlapping fragments; so does decap, and
+    the fragments after the overlap do not count a second loss."""
+    first, second, third = fragmented(5)
+    shifted = IP(second[14:])  # the second fragment, 8 bytes earlier
+    shifted.frag -= 1
+    del shifted.chksum
+    overlapping = bytes(ETHER / shifted)
+    frames = [*host_frames(), first, overlapping, second, third, *fragmented(6)]
+    source = write_pcap(tmp_path / "h.pcap", 1, frames)
+    result = run(source, "-w", str(tmp_path / "o"), "--json")
+    summary = json.loads(result.stdout)
+    assert summary["lost"]["overlap"] == 1 and summary["reassembled"] == 1  # frame 6 only
+    assert ours(str(tmp_path / "o"))[-1] == big_frame(6)
+
+
+def test_lost_frames_are_counted_and_reported(tmp_path: Path, backend: str):
+    """A datagram missing a fragment is a lost frame: given up 30 s of capture time after
+    its first fragment (timeout) or at the end of the capture (incomplete)."""
+    missing_late = fragmented(1)[:2]  # never gets its last fragment
+    missing_head = fragmented(2)[1:]
+    frames = [(10**18, f) for f in [*missing_late, *missing_head]]
+    frames += [(10**18 + 31 * 10**9 + n, f) for n, f in enumerate([*host_frames(), *fragmented(3)])]
+    frames += [(10**18 + 32 * 10**9, fragmented(4)[0])]  # at the end, still waiting
+    source = write_timed(tmp_path / "host.pcap", frames)
     result = run(source, "-w", str(tmp_path / "lab.pcapng"))
     assert result.exit_code == 0
-    assert "3 fragmented datagrams skipped" in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("decap: ")
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("decap: ") and "skipped" not in line
+    assert "1 reassembled from 8 fragments" in line
+    assert line.endswith("; lost: 3 frames in incomplete datagrams (3 missing a fragment)")
+    summary = run_json(source, "-w", str(tmp_path / "lab2.pcapng"))
+    assert summary["lost"] == {"timeout": 2, "incomplete": 1, "evicted": 0, "overlap": 0,
+                               "malformed": 0, "snaplen": 0}  # fmt: skip
+    assert summary["written"] == 4 * 2 * ROUNDS + 1
+
+
+def test_a_fragment_cut_by_the_snaplen_loses_its_datagram(tmp_path: Path, backend: str):
+    first, second, third = fragmented(8)
+    frames = [*host_frames(), first, second[:200], third, *fragmented(9)]
+    data = pcap.global_header(1, snaplen=200)
+    data += b"".join(pcap.record(10**18 + n, f, orig_len=1500) for n, f in enumerate(frames))
+    (tmp_path / "cut.pcap").write_bytes(data)
+    summary = run_json(str(tmp_path / "cut.pcap"), "-w", str(tmp_path / "o"))
+    assert summary["lost"]["snaplen"] == 1 and summary["reassembled"] == 1
+    assert sum(summary["lost"].values()) == 1
+
+
+def test_malformed_fragments_lose_their_datagram(tmp_path: Path, backend: str):
+    odd = fragmented(1)
+    longer = IP(odd[0][14:] + b"x")  # a non-last fragment of 1401 bytes: not a multiple of 8
+    longer.len += 1
+    odd[0] = bytes(ETHER / longer)
+    frames = [*host_frames(), *odd, *fragmented(2)]
+    summary = run_json(write_pcap(tmp_path / "h.pcap", 1, frames), "-w", str(tmp_path / "o"))
+    assert summary["lost"]["malformed"] == 1 and summary["reassembled"] == 1
+
+
+def test_an_identification_used_again_later_is_a_new_datagram(tmp_path: Path, backend: str):
+    """IPv4's 16-bit identification wraps: the same id 2 s after a datagram completed starts
+    another one instead of passing for copies of the first."""
+    frames = [(10**18 + n, f) for n, f in enumerate(fragmented(7))]
+    again = [bytes(ETHER / f) for f in fragment(
+        IP(src=V4[0], dst=V4[1], id=7) / UDP(sport=10001, dport=10002) / Raw(big_frame(8)), 1400
+    )]  # fmt: skip
+    frames += [(10**18 + 2 * 10**9 + n, f) for n, f in enumerate(again)]
+    summary = run_json(write_timed(tmp_path / "h.pcap", frames), "-w", str(tmp_path / "o"))
+    assert summary["reassembled"] == 2 and ours(str(tmp_path / "o")) == [big_frame(7), big_frame(8)]
+
+
+def test_a_reassembly_flood_is_bounded_and_counted(tmp_path: Path, backend: str):
+    """20000 datagrams that never complete (their first fragment only): the oldest are given
+    up beyond 4 MiB or 4096 datagrams, each counted once; the tunnels still come through."""
+    frames = host_frames()
+    for ident in range(20000):
+        udp = UDP(sport=10001, dport=10002) / Raw(bytes(1400))
+        packet = IP(src="198.51.100.1", dst=V4[1], id=ident % 65536, flags="MF") / udp
+        frames.append(bytes(ETHER / packet))
+    frames += [*fragmented(1), *host_frames()]
+    source = write_pcap(tmp_path / "flood.pcap", 1, frames)
+    result = run(source, "-w", str(tmp_path / "o"), "--json")
+    summary = json.loads(result.stdout)
+    lost = summary["lost"]
+    assert lost["evicted"] + lost["incomplete"] == 20000 and lost["evicted"] > 15000
+    assert summary["reassembled"] == 1 and summary["written"] == 2 * 4 * 2 * ROUNDS + 1
+    assert "over the reassembly limits" in Summary(**{**summary, "links": []}).line()
 
 
 def test_snaplen_cut_input_keeps_the_original_length(tmp_path: Path, backend: str):
@@ -423,7 +601,9 @@ def test_output_keeps_input_order_while_links_are_being_detected(tmp_path, backe
 
 
 @needs_c
-@pytest.mark.parametrize("scenario", ["ether4", "sll2v6", "raw", "pcapng", "split", "dedupe"])
+@pytest.mark.parametrize(
+    "scenario", ["ether4", "sll2v6", "raw", "pcapng", "split", "dedupe", "fragments"]
+)
 def test_c_and_python_scanners_write_identical_bytes(tmp_path: Path, scenario: str):
     if scenario == "pcapng":  # two sections, the second with simple packet blocks
         frames = host_frames("sll", V4)
@@ -442,6 +622,19 @@ def test_c_and_python_scanners_write_identical_bytes(tmp_path: Path, scenario: s
         source = write_pcap(tmp_path / "in", 276, host_frames("sll2", V6))
     elif scenario == "raw":
         source = write_pcap(tmp_path / "in", 101, host_frames("raw"))
+    elif scenario == "fragments":  # shuffled, repeated, missing, overlapping, both families
+        rng = random.Random(5)
+        frames = host_frames() + host_frames("ether", V6)
+        for seq in range(40):
+            pieces = fragmented(seq, 4 if seq % 2 else 6, rng.choice((64, 512, 1400)))
+            rng.shuffle(pieces)
+            if seq % 5 == 0:
+                pieces.append(pieces[0])
+            if seq % 7 == 0:
+                pieces.pop()
+            at = rng.randrange(len(frames))
+            frames[at:at] = pieces
+        source = write_pcap(tmp_path / "in", 1, frames)
     else:
         source = write_pcap(tmp_path / "in", 1, host_frames() * 3)
     outputs = []
@@ -454,8 +647,11 @@ def test_c_and_python_scanners_write_identical_bytes(tmp_path: Path, scenario: s
         else:
             target = tmp_path / f"out-{use_c}"
             summary = decap(source, str(target), options=options)
-            outputs.append((target.read_bytes(), summary.written, summary.not_tunnel))
+            counts = (summary.reassembled, summary.lost, summary.duplicate_fragments)
+            outputs.append((target.read_bytes(), summary.written, summary.not_tunnel, *counts))
     assert outputs[0] == outputs[1]
+    if scenario == "fragments":
+        assert outputs[0][3] > 20 and sum(outputs[0][4].values()) > 3
     if scenario == "pcapng":
         assert outputs[0][1] == 2 * 4 * 2 * ROUNDS  # both sections, EPBs and SPBs
 

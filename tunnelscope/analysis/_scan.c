@@ -29,6 +29,20 @@ enum {
 #define DEDUPE_CAPACITY 65536u /* decap.DEDUPE_CAPACITY */
 #define INDEX_SIZE (2u * DEDUPE_CAPACITY)
 #define RETAINED (16u << 20) /* output buffer memory kept between calls, all streams together */
+/* reassembly.py's bounds */
+#define REASSEMBLY_DATAGRAMS 4096u
+#define REASSEMBLY_BYTES (4u << 20)
+#define FRAGMENT_OVERHEAD 64u
+#define DUPLICATE_FRAGMENT_NS 1000000000ULL
+#define TIMEOUT_V4_NS 30000000000ULL
+#define TIMEOUT_V6_NS 60000000000ULL
+#define DATAGRAM_INDEX (2u * REASSEMBLY_DATAGRAMS)
+#define MAX_DATAGRAM 65536u
+
+enum { LIVE = 0, DONE = 1, DEAD = 2 }; /* a datagram being reassembled, or its tombstone */
+/* reassembly.LOST_REASONS, in order */
+enum { LOST_TIMEOUT, LOST_INCOMPLETE, LOST_EVICTED, LOST_OVERLAP, LOST_MALFORMED, LOST_SNAPLEN,
+       N_LOST };
 
 typedef struct {
     uint8_t key[40]; /* KEY_LEN bytes, then zeros */
@@ -57,10 +71,34 @@ typedef struct {
 
 typedef struct {
     uint8_t key[40];
-    Py_ssize_t off; /* of the payload, in the record */
+    const uint8_t *payload; /* in the record, or in the reassembled datagram */
     uint32_t caplen, orig_len;
     uint16_t sport, dport;
 } Udp;
+
+typedef struct { /* reassembly.Fragment */
+    uint8_t key[40]; /* family, source, destination (16 bytes each), id (IPv4: id16, 17) */
+    uint32_t offset, length, caplen; /* caplen: what the record holds of its data */
+    const uint8_t *data;
+    uint32_t header_len;
+    int more, next_header;
+} Frag;
+
+typedef struct {
+    uint32_t offset, length, at; /* at: in Datagram.data */
+} Piece;
+
+typedef struct {
+    uint8_t key[40];
+    uint64_t hash, first_ts, done_ts, charged;
+    uint32_t total, top, have; /* total: 0 until the last fragment came; top: highest end */
+    int state, next_header;
+    uint8_t *data; /* the fragments' data, in arrival order */
+    uint32_t used;
+    Piece *pieces;
+    uint32_t n_pieces, cap_pieces;
+    uint8_t covered[MAX_DATAGRAM / 64]; /* one bit per 8-byte block */
+} Datagram;
 
 typedef struct {
     PyObject_HEAD
@@ -77,7 +115,13 @@ typedef struct {
     Kept *ring;
     uint64_t *index; /* seq + 1 of the latest kept copy of a payload hash, 0: empty */
     uint64_t ring_head, ring_next;
+    Datagram *datagrams; /* a ring, oldest first: (dg_head + i) % REASSEMBLY_DATAGRAMS */
+    uint64_t *dg_index;  /* slot + 1 of a datagram, by key hash; 0: empty */
+    uint32_t dg_head, dg_count;
+    uint64_t pending_bytes, frag_max_ts;
+    uint8_t *whole; /* the datagram completed last */
     unsigned long long frames, written, not_udp, fragments, not_tunnel, duplicates, last_ts;
+    unsigned long long reassembled, duplicate_fragments, lost[N_LOST];
 } Scanner;
 
 /* ---- byte order ---------------------------------------------------------------------- */
@@ -127,7 +171,42 @@ static uint64_t hash_bytes(const uint8_t *p, size_t n)
 
 /* ---- finding the UDP payload (decap.locate_udp) --------------------------------------- */
 
-static int locate_udp(const uint8_t *d, uint32_t n, uint32_t linktype, Udp *u)
+/* past IPv6 hop-by-hop, routing and destination options headers: 0, or -1 when one does not
+ * fit (decap._skip_extensions) */
+static int skip_extensions(const uint8_t *d, uint32_t *next_header, uint32_t *at, uint32_t end)
+{
+    for (int i = 0; i < 8; i++) {
+        if (!(*next_header == 0 || *next_header == 43 || *next_header == 60))
+            break;
+        if (end - *at < 8)
+            return -1;
+        *next_header = d[*at];
+        *at += (d[*at + 1] + 1u) * 8;
+        if (*at > end) /* a header running past the data: nothing more can fit */
+            return -1;
+    }
+    return 0;
+}
+
+/* the UDP header at d + udp, the IP datagram holding `datagram` bytes from it; u->key holds
+ * the family and addresses (decap._udp_in) */
+static int udp_in(const uint8_t *d, uint32_t udp, uint32_t end, uint32_t datagram, Udp *u)
+{
+    if (end < udp || end - udp < 8)
+        return LOC_NOT_UDP;
+    uint32_t udp_length = be16(d + udp + 4);
+    if (udp_length < 8 || udp_length > datagram)
+        return LOC_NOT_UDP;
+    memcpy(u->key + 33, d + udp, 4);
+    u->sport = be16(d + udp);
+    u->dport = be16(d + udp + 2);
+    u->payload = d + udp + 8;
+    u->orig_len = udp_length - 8;
+    u->caplen = u->orig_len < end - udp - 8 ? u->orig_len : end - udp - 8;
+    return LOC_UDP;
+}
+
+static int locate_udp(const uint8_t *d, uint32_t n, uint32_t linktype, Udp *u, Frag *f)
 {
     uint32_t off, version, ethertype, end, udp, datagram;
     switch (linktype) {
@@ -176,16 +255,31 @@ static int locate_udp(const uint8_t *d, uint32_t n, uint32_t linktype, Udp *u)
         const uint8_t *ip = d + off;
         if (n - off < 20 || ip[0] >> 4 != 4)
             return LOC_NOT_UDP;
-        uint32_t ihl = (ip[0] & 15u) * 4, total;
+        uint32_t ihl = (ip[0] & 15u) * 4, total = be16(ip + 2), flags_offset = be16(ip + 6);
         if (ihl < 20 || ip[9] != 17)
-            return LOC_NOT_UDP;
-        if (be16(ip + 6) & 0x3FFF)
-            return LOC_FRAGMENT;
-        total = be16(ip + 2);
-        if (total < ihl + 8)
             return LOC_NOT_UDP;
         end = off + (n - off < total ? n - off : total);
         udp = off + ihl;
+        if (flags_offset & 0x3FFF) { /* MF or an offset: a fragment */
+            if (total < ihl || end < udp)
+                return LOC_NOT_UDP;
+            memset(f->key, 0, sizeof f->key);
+            f->key[0] = 4;
+            memcpy(f->key + 1, ip + 12, 4);
+            memcpy(f->key + 17, ip + 16, 4);
+            memcpy(f->key + 33, ip + 4, 2);
+            f->key[35] = 17;
+            f->offset = (flags_offset & 0x1FFF) * 8;
+            f->length = total - ihl;
+            f->data = d + udp;
+            f->caplen = end - udp;
+            f->more = (flags_offset & 0x2000) != 0;
+            f->header_len = ihl;
+            f->next_header = 17;
+            return LOC_FRAGMENT;
+        }
+        if (total < ihl + 8)
+            return LOC_NOT_UDP;
         datagram = total - ihl;
         u->key[0] = 4;
         memcpy(u->key + 1, ip + 12, 4);
@@ -197,18 +291,34 @@ static int locate_udp(const uint8_t *d, uint32_t n, uint32_t linktype, Udp *u)
         uint32_t payload_length = be16(ip + 4), next_header = ip[6];
         end = off + (n - off < 40 + payload_length ? n - off : 40 + payload_length);
         udp = off + 40;
-        for (int i = 0; i < 8; i++) {
-            if (!(next_header == 0 || next_header == 43 || next_header == 60))
-                break;
+        if (skip_extensions(d, &next_header, &udp, end) < 0)
+            return LOC_NOT_UDP;
+        if (next_header == 44) { /* the fragment header */
             if (end - udp < 8)
                 return LOC_NOT_UDP;
-            next_header = d[udp];
-            udp += (d[udp + 1] + 1u) * 8;
-            if (udp > end) /* a header running past the data: nothing more can fit */
+            uint32_t offset_flags = be16(d + udp + 2), start = udp + 8, first = d[udp];
+            if (offset_flags & 0xFFF9) { /* an offset or M: a fragment */
+                if (!(first == 17 || first == 0 || first == 43 || first == 60) ||
+                    off + 40 + payload_length < start)
+                    return LOC_NOT_UDP;
+                memset(f->key, 0, sizeof f->key);
+                f->key[0] = 6;
+                memcpy(f->key + 1, ip + 8, 32);
+                memcpy(f->key + 33, d + udp + 4, 4);
+                f->offset = offset_flags & 0xFFF8;
+                f->length = off + 40 + payload_length - start;
+                f->data = d + start;
+                f->caplen = end - start;
+                f->more = offset_flags & 1;
+                f->header_len = udp - off - 40;
+                f->next_header = (int)first;
+                return LOC_FRAGMENT;
+            }
+            next_header = first; /* an atomic fragment: the whole datagram */
+            udp = start;
+            if (skip_extensions(d, &next_header, &udp, end) < 0)
                 return LOC_NOT_UDP;
         }
-        if (next_header == 44)
-            return end - udp >= 8 && d[udp] == 17 ? LOC_FRAGMENT : LOC_NOT_UDP;
         if (next_header != 17)
             return LOC_NOT_UDP;
         datagram = off + 40 + payload_length - udp;
@@ -217,18 +327,21 @@ static int locate_udp(const uint8_t *d, uint32_t n, uint32_t linktype, Udp *u)
     } else {
         return LOC_NOT_UDP;
     }
-    if (end < udp || end - udp < 8)
+    return udp_in(d, udp, end, datagram, u);
+}
+
+/* decap.reassembled_udp: the UDP datagram in a reassembled fragmentable part */
+static int reassembled_udp(const uint8_t *d, uint32_t total, const Frag *f, int next_header,
+                           Udp *u)
+{
+    uint32_t first = (uint32_t)next_header, udp = 0;
+    if (f->key[0] == 6 && skip_extensions(d, &first, &udp, total) < 0)
         return LOC_NOT_UDP;
-    uint32_t udp_length = be16(d + udp + 4);
-    if (udp_length < 8 || udp_length > datagram)
+    if (first != 17)
         return LOC_NOT_UDP;
-    memcpy(u->key + 33, d + udp, 4);
-    u->sport = be16(d + udp);
-    u->dport = be16(d + udp + 2);
-    u->off = udp + 8;
-    u->orig_len = udp_length - 8;
-    u->caplen = u->orig_len < end - udp - 8 ? u->orig_len : end - udp - 8;
-    return LOC_UDP;
+    memset(u->key, 0, sizeof u->key);
+    memcpy(u->key, f->key, 33);
+    return udp_in(d, udp, total, total - udp, u);
 }
 
 /* ---- the flow table ------------------------------------------------------------------- */
@@ -284,22 +397,32 @@ static Py_ssize_t index_find(Scanner *s, uint64_t hash)
     return -1;
 }
 
-static void index_delete(Scanner *s, size_t i)
+typedef uint64_t (*EntryHash)(const Scanner *s, uint64_t entry);
+
+static uint64_t kept_hash(const Scanner *s, uint64_t entry)
 {
-    size_t mask = INDEX_SIZE - 1, j = i;
+    return s->ring[(entry - 1) & (DEDUPE_CAPACITY - 1)].hash;
+}
+
+/* Remove index[i] from an open-addressed index of entry numbers (0: empty) of `mask` + 1
+ * slots, moving back the entries behind it. */
+static void index_delete(const Scanner *s, uint64_t *index, size_t mask, size_t i,
+                         EntryHash hash_of)
+{
+    size_t j = i;
     for (;;) {
         j = (j + 1) & mask;
-        if (!s->index[j])
+        if (!index[j])
             break;
-        size_t home = s->ring[(s->index[j] - 1) & (DEDUPE_CAPACITY - 1)].hash & mask;
+        size_t home = hash_of(s, index[j]) & mask;
         /* the entry at j may move back to i unless its home lies cyclically in (i, j] */
         int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
         if (!stays) {
-            s->index[i] = s->index[j];
+            index[i] = index[j];
             i = j;
         }
     }
-    s->index[i] = 0;
+    index[i] = 0;
 }
 
 /* later - earlier > window, on the full unsigned range (timestamps reach 2^64 - 1 ns, so a
@@ -319,7 +442,7 @@ static int duplicate(Scanner *s, const uint8_t *p, size_t n, uint64_t ts, uint64
             break;
         Py_ssize_t at = index_find(s, old->hash);
         if (at >= 0 && s->index[at] - 1 == old->seq)
-            index_delete(s, (size_t)at);
+            index_delete(s, s->index, INDEX_SIZE - 1, (size_t)at, kept_hash);
         s->ring_head++;
     }
     uint64_t hash = hash_bytes(p, n);
@@ -344,6 +467,219 @@ static int duplicate(Scanner *s, const uint8_t *p, size_t n, uint64_t ts, uint64
     }
     s->index[at] = seq + 1;
     return 0;
+}
+
+/* ---- IP reassembly (tunnelscope/analysis/reassembly.py, whose doc gives the rules) ------ */
+
+static uint64_t datagram_hash(const Scanner *s, uint64_t entry)
+{
+    return s->datagrams[entry - 1].hash;
+}
+
+/* the datagram of `key`, or NULL; *at: its place in the index, or the free place for it */
+static Datagram *datagram_find(Scanner *s, const uint8_t *key, uint64_t hash, size_t *at)
+{
+    size_t mask = DATAGRAM_INDEX - 1, i = hash & mask;
+    for (; s->dg_index[i]; i = (i + 1) & mask) {
+        Datagram *g = &s->datagrams[s->dg_index[i] - 1];
+        if (g->hash == hash && !memcmp(g->key, key, 40)) {
+            *at = i;
+            return g;
+        }
+    }
+    *at = i;
+    return NULL;
+}
+
+static void datagram_free(Scanner *s, Datagram *g, int state)
+{
+    s->pending_bytes -= g->charged;
+    g->charged = 0;
+    PyMem_Free(g->data);
+    PyMem_Free(g->pieces);
+    g->data = NULL;
+    g->pieces = NULL;
+    g->used = g->n_pieces = g->cap_pieces = 0;
+    g->state = state;
+}
+
+static void datagram_start(Datagram *g, uint64_t ts)
+{
+    g->state = LIVE;
+    g->first_ts = ts;
+    g->done_ts = 0;
+    g->total = g->top = g->have = 0;
+    g->next_header = -1;
+    memset(g->covered, 0, sizeof g->covered);
+}
+
+static void drop_oldest(Scanner *s, int reason)
+{
+    Datagram *g = &s->datagrams[s->dg_head];
+    size_t at;
+    datagram_find(s, g->key, g->hash, &at);
+    index_delete(s, s->dg_index, DATAGRAM_INDEX - 1, at, datagram_hash);
+    if (g->state == LIVE)
+        s->lost[reason]++;
+    datagram_free(s, g, DEAD);
+    s->dg_head = (s->dg_head + 1) % REASSEMBLY_DATAGRAMS;
+    s->dg_count--;
+}
+
+static Datagram *datagram_new(Scanner *s, const uint8_t *key, uint64_t hash, uint64_t ts)
+{
+    if (s->dg_count == REASSEMBLY_DATAGRAMS)
+        drop_oldest(s, LOST_EVICTED);
+    size_t at;
+    datagram_find(s, key, hash, &at);
+    uint32_t slot = (s->dg_head + s->dg_count++) % REASSEMBLY_DATAGRAMS;
+    Datagram *g = &s->datagrams[slot];
+    memcpy(g->key, key, 40);
+    g->hash = hash;
+    datagram_start(g, ts);
+    s->dg_index[at] = slot + 1;
+    return g;
+}
+
+/* every 8-byte block of [offset, end) is covered (a duplicate) */
+static int covers(const Datagram *g, uint32_t offset, uint32_t end)
+{
+    if (end == offset || end > MAX_DATAGRAM)
+        return 0;
+    for (uint32_t b = offset >> 3; b < (end + 7) >> 3; b++)
+        if (!(g->covered[b >> 3] >> (b & 7) & 1))
+            return 0;
+    return 1;
+}
+
+static int overlaps(const Datagram *g, uint32_t offset, uint32_t end)
+{
+    for (uint32_t b = offset >> 3; b < (end + 7) >> 3; b++)
+        if (g->covered[b >> 3] >> (b & 7) & 1)
+            return 1;
+    return 0;
+}
+
+static int abandon(Scanner *s, Datagram *g, int reason)
+{
+    datagram_free(s, g, DEAD);
+    s->lost[reason]++;
+    return 0;
+}
+
+/* 1: f completed its datagram (s->whole, *total bytes, first header *next_header), 0: it
+ * waits or was given up, -1: error */
+static int reassemble(Scanner *s, const Frag *f, uint64_t ts, uint32_t *total, int *next_header)
+{
+    if (!s->datagrams) {
+        s->datagrams = PyMem_Calloc(REASSEMBLY_DATAGRAMS, sizeof(Datagram));
+        s->dg_index = PyMem_Calloc(DATAGRAM_INDEX, sizeof(uint64_t));
+        s->whole = PyMem_Malloc(MAX_DATAGRAM);
+        if (!s->datagrams || !s->dg_index || !s->whole) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    if (ts > s->frag_max_ts)
+        s->frag_max_ts = ts;
+    while (s->dg_count) { /* expire */
+        const Datagram *oldest = &s->datagrams[s->dg_head];
+        uint64_t timeout = oldest->key[0] == 4 ? TIMEOUT_V4_NS : TIMEOUT_V6_NS;
+        if (s->frag_max_ts - oldest->first_ts <= timeout)
+            break;
+        drop_oldest(s, LOST_TIMEOUT);
+    }
+    uint64_t hash = key_hash(f->key);
+    uint32_t offset = f->offset, length = f->length, end = offset + length;
+    size_t at;
+    Datagram *g = datagram_find(s, f->key, hash, &at);
+    if (g && g->state == DONE) {
+        if (!later_by_more(ts, g->done_ts, DUPLICATE_FRAGMENT_NS) && covers(g, offset, end)) {
+            s->duplicate_fragments++;
+            return 0;
+        }
+        datagram_start(g, ts); /* a new datagram, same key */
+    } else if (g && g->state == DEAD) {
+        return 0;
+    } else if (!g) {
+        g = datagram_new(s, f->key, hash, ts);
+    }
+    if (f->caplen < length)
+        return abandon(s, g, LOST_SNAPLEN);
+    if (!length || (f->more && length % 8) || end + f->header_len > 65535 ||
+        (!f->more && ((g->total && end != g->total) || end < g->top)) ||
+        (f->more && g->total && end > g->total))
+        return abandon(s, g, LOST_MALFORMED);
+    if (covers(g, offset, end)) {
+        s->duplicate_fragments++;
+        return 0;
+    }
+    if (overlaps(g, offset, end))
+        return abandon(s, g, LOST_OVERLAP);
+    uint64_t charge = length + FRAGMENT_OVERHEAD;
+    if (s->pending_bytes + charge > REASSEMBLY_BYTES) {
+        while (s->dg_count && s->pending_bytes + charge > REASSEMBLY_BYTES / 4 * 3)
+            drop_oldest(s, LOST_EVICTED);
+        g = datagram_find(s, f->key, hash, &at);
+        if (!g) { /* it was the oldest: keep its loss counted once */
+            datagram_new(s, f->key, hash, ts)->state = DEAD;
+            return 0;
+        }
+    }
+    uint8_t *data = PyMem_Realloc(g->data, g->used + length);
+    if (!data) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    g->data = data;
+    if (g->n_pieces == g->cap_pieces) {
+        uint32_t cap = g->cap_pieces ? g->cap_pieces * 2 : 4;
+        Piece *pieces = PyMem_Realloc(g->pieces, cap * sizeof(Piece));
+        if (!pieces) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        g->pieces = pieces;
+        g->cap_pieces = cap;
+    }
+    memcpy(g->data + g->used, f->data, length);
+    g->pieces[g->n_pieces++] = (Piece){offset, length, g->used};
+    g->used += length;
+    for (uint32_t b = offset >> 3; b < (end + 7) >> 3; b++)
+        g->covered[b >> 3] |= (uint8_t)(1u << (b & 7));
+    g->have += length;
+    g->charged += charge;
+    s->pending_bytes += charge;
+    if (end > g->top)
+        g->top = end;
+    if (!f->more)
+        g->total = end;
+    if (offset == 0)
+        g->next_header = f->next_header;
+    if (!g->total || g->have != g->total)
+        return 0;
+    for (uint32_t i = 0; i < g->n_pieces; i++)
+        memcpy(s->whole + g->pieces[i].offset, g->data + g->pieces[i].at, g->pieces[i].length);
+    *total = g->total;
+    *next_header = g->next_header;
+    datagram_free(s, g, DONE);
+    g->done_ts = ts;
+    s->reassembled++;
+    return 1;
+}
+
+/* end of input: every datagram still missing a fragment is lost */
+static void reassembly_finish(Scanner *s)
+{
+    for (uint32_t i = 0; i < s->dg_count; i++) {
+        Datagram *g = &s->datagrams[(s->dg_head + i) % REASSEMBLY_DATAGRAMS];
+        if (g->state == LIVE)
+            s->lost[LOST_INCOMPLETE]++;
+        datagram_free(s, g, DEAD);
+    }
+    if (s->dg_index)
+        memset(s->dg_index, 0, DATAGRAM_INDEX * sizeof(uint64_t));
+    s->dg_head = s->dg_count = 0;
 }
 
 /* ---- output ----------------------------------------------------------------------------- */
@@ -419,12 +755,18 @@ static int process(Scanner *s, const uint8_t *d, uint32_t caplen, uint32_t linkt
 {
     s->frames++;
     s->last_ts = ts;
-    int found = locate_udp(d, caplen, linktype, u);
+    Frag f;
+    int found = locate_udp(d, caplen, linktype, u, &f);
+    if (found == LOC_FRAGMENT) {
+        s->fragments++;
+        uint32_t total;
+        int next_header, r = reassemble(s, &f, ts, &total, &next_header);
+        if (r <= 0)
+            return r;
+        found = reassembled_udp(s->whole, total, &f, next_header, u);
+    }
     if (found != LOC_UDP) {
-        if (found == LOC_FRAGMENT)
-            s->fragments++;
-        else
-            s->not_udp++;
+        s->not_udp++;
         return 0;
     }
     if (s->port_mode != PORTS_ALL) {
@@ -441,24 +783,24 @@ static int process(Scanner *s, const uint8_t *d, uint32_t caplen, uint32_t linkt
         s->not_tunnel++;
         return 0;
     }
-    *dup = s->window ? duplicate(s, d + u->off, u->caplen, ts, hash) : 0;
+    *dup = s->window ? duplicate(s, u->payload, u->caplen, ts, hash) : 0;
     if (!flow->used)
         return 1;
     if (*dup) {
         s->duplicates++;
         return 0;
     }
-    if (emit(s, flow, ts, d + u->off, u->caplen, u->orig_len) < 0)
+    if (emit(s, flow, ts, u->payload, u->caplen, u->orig_len) < 0)
         return -1;
     flow->frames++;
     s->written++;
     return 0;
 }
 
-static PyObject *frame_event(Py_ssize_t pos, uint64_t ts, const Udp *u, Py_ssize_t start, int dup)
+static PyObject *frame_event(Py_ssize_t pos, uint64_t ts, const Udp *u, int dup)
 {
-    return Py_BuildValue("(in(Ky#nIIO))", FRAME, pos, (unsigned long long)ts, u->key,
-                         (Py_ssize_t)KEY_LEN, start + u->off, u->caplen, u->orig_len,
+    return Py_BuildValue("(in(Ky#y#IO))", FRAME, pos, (unsigned long long)ts, u->key,
+                         (Py_ssize_t)KEY_LEN, u->payload, (Py_ssize_t)u->caplen, u->orig_len,
                          dup ? Py_True : Py_False);
 }
 
@@ -486,7 +828,7 @@ static PyObject *scan_pcap(Scanner *s, const uint8_t *buf, Py_ssize_t pos, Py_ss
         if (r < 0)
             return NULL;
         if (r)
-            return frame_event(pos, s->last_ts, &u, start, dup);
+            return frame_event(pos, s->last_ts, &u, dup);
     }
     return Py_BuildValue("(inO)", NEED_MORE, pos, Py_None);
 }
@@ -559,7 +901,7 @@ static PyObject *scan_pcapng(Scanner *s, const uint8_t *buf, Py_ssize_t pos, Py_
         if (r < 0)
             return NULL;
         if (r)
-            return frame_event(pos, ts, &u, start, dup);
+            return frame_event(pos, ts, &u, dup);
     }
     return Py_BuildValue("(inO)", NEED_MORE, pos, Py_None);
 }
@@ -621,6 +963,11 @@ static void Scanner_dealloc(Scanner *s)
     PyMem_Free(s->ifaces);
     PyMem_Free(s->ring);
     PyMem_Free(s->index);
+    if (s->datagrams)
+        reassembly_finish(s);
+    PyMem_Free(s->datagrams);
+    PyMem_Free(s->dg_index);
+    PyMem_Free(s->whole);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -724,9 +1071,21 @@ static PyObject *Scanner_flow_frames(Scanner *s, PyObject *arg)
 
 static PyObject *Scanner_counters(Scanner *s, PyObject *Py_UNUSED(arg))
 {
-    return Py_BuildValue("{sKsKsKsKsKsK}", "frames", s->frames, "written", s->written, "not_udp",
-                         s->not_udp, "fragments", s->fragments, "not_tunnel", s->not_tunnel,
-                         "duplicates", s->duplicates);
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "frames", s->frames, "written", s->written, "not_udp",
+        s->not_udp, "fragments", s->fragments, "not_tunnel", s->not_tunnel, "duplicates",
+        s->duplicates, "reassembled", s->reassembled, "duplicate_fragments",
+        s->duplicate_fragments, "lost_timeout", s->lost[LOST_TIMEOUT], "lost_incomplete",
+        s->lost[LOST_INCOMPLETE], "lost_evicted", s->lost[LOST_EVICTED], "lost_overlap",
+        s->lost[LOST_OVERLAP], "lost_malformed", s->lost[LOST_MALFORMED], "lost_snaplen",
+        s->lost[LOST_SNAPLEN]);
+}
+
+static PyObject *Scanner_finish(Scanner *s, PyObject *Py_UNUSED(arg))
+{
+    if (s->datagrams)
+        reassembly_finish(s);
+    Py_RETURN_NONE;
 }
 
 /* An emptied buffer is kept for the next chunk unless the buffers hold too much in all. */
@@ -839,6 +1198,8 @@ static PyMethodDef Scanner_methods[] = {
      "Forget the flows that were left out."},
     {"flow_frames", (PyCFunction)Scanner_flow_frames, METH_O, "Frames written for a flow."},
     {"counters", (PyCFunction)Scanner_counters, METH_NOARGS, "Frame counters."},
+    {"finish", (PyCFunction)Scanner_finish, METH_NOARGS,
+     "End of input: datagrams still waiting for a fragment are lost."},
     {"take", (PyCFunction)Scanner_take, METH_NOARGS,
      "The output produced since the last call: [(stream, bytes)], in stream order."},
     {"write", (PyCFunction)Scanner_write, METH_O,

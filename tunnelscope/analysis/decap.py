@@ -24,8 +24,13 @@ has seen, when the detector is sure, after FRAME_BUDGET frames, when it has wait
 capture time, when more than HOLD_BYTES/HOLD_FRAMES wait behind it, or at end of input. Memory
 is therefore bounded by the 4 MiB input chunk plus those limits, whatever the file size.
 
+IP fragments (`fragments`) are put together by tunnelscope/analysis/reassembly.py (the C
+scanner has the same code): a completed datagram (`reassembled`) is then one frame like any
+other, at the position and time of the fragment that completed it; datagrams that cannot be
+completed are lost frames, counted by reason (`lost`, see reassembly.py).
+
 Left out and counted: frames that are not UDP over IP (`not_udp`, including malformed headers),
-IP fragments of UDP datagrams (`fragments`: reassembly is not done), UDP that is not a tunnel
+UDP that is not a tunnel
 (`not_tunnel`: well-known service ports such as DNS and NTP, flows the detector rejects, and
 with `ports` every link without a listed port) and, with `dedupe`, second copies
 (`duplicates`).
@@ -55,6 +60,13 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Union
 
+from tunnelscope.analysis.reassembly import (
+    LOST_REASONS,
+    REASSEMBLY_BYTES,
+    REASSEMBLY_DATAGRAMS,
+    Fragment,
+    Reassembler,
+)
 from tunnelscope.decoders.detect import LinkTypeDetector
 from tunnelscope.formats import pcap, pcapng
 from tunnelscope.formats.capture import CaptureError, read_capture
@@ -97,7 +109,7 @@ OUTER_LINKTYPES = (
     LinkType.IPV6,
 )
 
-NOT_UDP, FRAGMENT = 0, 1
+NOT_UDP = 0
 _VLAN_TPIDS = (0x8100, 0x88A8, 0x9100, 0x9200)
 _IPV6_EXTENSIONS = (0, 43, 60)  # hop-by-hop, routing, destination options
 _MASK64 = (1 << 64) - 1
@@ -109,8 +121,8 @@ _PCAP_MAGICS = {
     b"\xa1\xb2\x3c\x4d": (">", 1),
 }
 
-# a scanner FRAME: ts_ns, flow key, payload offset in the buffer, caplen, orig_len, duplicate
-FrameInfo = tuple[int, bytes, int, int, int, bool]
+# a scanner FRAME: ts_ns, flow key, payload (what the capture holds of it), orig_len, duplicate
+FrameInfo = tuple[int, bytes, bytes, int, bool]
 ScanResult = tuple[int, int, Optional[FrameInfo]]
 
 
@@ -134,13 +146,14 @@ def _load_c() -> ModuleType | None:
 # bytes).
 
 
-def locate_udp(data: bytes, linktype: int) -> tuple[bytes, int, int, int] | int:
+def locate_udp(data: bytes, linktype: int) -> tuple[bytes, int, int, int] | Fragment | int:
     """Find the UDP payload in one outer frame: (flow key, offset, caplen, orig_len).
 
-    Returns NOT_UDP or FRAGMENT instead when there is none. The flow key is 37 bytes:
-    family (4 or 6), source address, destination address (16 bytes each, IPv4 zero-padded),
-    source port, destination port (big-endian). caplen is what the capture holds of the
-    payload, orig_len the payload length the UDP header announces (Ethernet padding and
+    Returns a `Fragment` for an IP fragment that may hold UDP (reassembly.py puts them
+    together; `reassembled_udp` reads the whole datagram), NOT_UDP when there is none. The flow
+    key is 37 bytes: family (4 or 6), source address, destination address (16 bytes each, IPv4
+    zero-padded), source port, destination port (big-endian). caplen is what the capture holds
+    of the payload, orig_len the payload length the UDP header announces (Ethernet padding and
     snaplen cuts are both handled).
     """
     n = len(data)
@@ -176,39 +189,96 @@ def locate_udp(data: bytes, linktype: int) -> tuple[bytes, int, int, int] | int:
         ihl = (data[off] & 15) * 4
         if ihl < 20 or data[off + 9] != 17:
             return NOT_UDP
-        if (data[off + 6] << 8 | data[off + 7]) & 0x3FFF:
-            return FRAGMENT
         total = data[off + 2] << 8 | data[off + 3]
-        if total < ihl + 8:
-            return NOT_UDP
         end = off + min(n - off, total)
         udp, datagram = off + ihl, total - ihl
         addresses = data[off + 12 : off + 16] + bytes(12) + data[off + 16 : off + 20] + bytes(12)
+        flags_offset = data[off + 6] << 8 | data[off + 7]
+        if flags_offset & 0x3FFF:  # MF or an offset: a fragment
+            if total < ihl or end < udp:
+                return NOT_UDP
+            key = b"\x04" + addresses + data[off + 4 : off + 6] + b"\x11" + bytes(4)
+            offset, more = (flags_offset & 0x1FFF) * 8, bool(flags_offset & 0x2000)
+            return Fragment(key, offset, datagram, data[udp:end], more, ihl, 17)
+        if total < ihl + 8:
+            return NOT_UDP
     elif version == 6:
         if n - off < 40 or data[off] >> 4 != 6:
             return NOT_UDP
         payload_length = data[off + 4] << 8 | data[off + 5]
-        next_header, end, udp = data[off + 6], off + min(n - off, 40 + payload_length), off + 40
-        for _ in range(8):
-            if next_header not in _IPV6_EXTENSIONS:
-                break
+        end, udp = off + min(n - off, 40 + payload_length), off + 40
+        found = _skip_extensions(data, data[off + 6], udp, end)
+        if found is None:
+            return NOT_UDP
+        next_header, udp = found
+        addresses = data[off + 8 : off + 40]
+        if next_header == 44:  # the fragment header
             if end - udp < 8:
                 return NOT_UDP
-            next_header, udp = data[udp], udp + (data[udp + 1] + 1) * 8
-        if next_header == 44:
-            return FRAGMENT if end - udp >= 8 and data[udp] == 17 else NOT_UDP
+            offset_flags, start = data[udp + 2] << 8 | data[udp + 3], udp + 8
+            if offset_flags & 0xFFF9:  # an offset or M: a fragment
+                if data[udp] != 17 and data[udp] not in _IPV6_EXTENSIONS:
+                    return NOT_UDP
+                length = off + 40 + payload_length - start
+                if length < 0:
+                    return NOT_UDP
+                key = b"\x06" + addresses + data[udp + 4 : udp + 8] + bytes(3)
+                more, header_len = bool(offset_flags & 1), udp - off - 40
+                return Fragment(
+                    key, offset_flags & 0xFFF8, length, data[start:end], more, header_len, data[udp]
+                )
+            found = _skip_extensions(data, data[udp], start, end)  # atomic: the whole datagram
+            if found is None:
+                return NOT_UDP
+            next_header, udp = found
         if next_header != 17:
             return NOT_UDP
         datagram = off + 40 + payload_length - udp
-        addresses = data[off + 8 : off + 40]
     else:
         return NOT_UDP
+    return _udp_in(data, bytes((version,)) + addresses, udp, end, datagram)
+
+
+def reassembled_udp(
+    fragment: Fragment, datagram: bytes, next_header: int
+) -> tuple[bytes, int, int, int] | int:
+    """`locate_udp` for a datagram put together from `fragment` and the others: the whole
+    fragmentable part, whose first header is `next_header`."""
+    udp, end = 0, len(datagram)
+    if fragment.key[0] == 6:
+        found = _skip_extensions(datagram, next_header, 0, end)
+        if found is None:
+            return NOT_UDP
+        next_header, udp = found
+    if next_header != 17:
+        return NOT_UDP
+    return _udp_in(datagram, fragment.key[:33], udp, end, end - udp)
+
+
+def _skip_extensions(data: bytes, next_header: int, at: int, end: int) -> tuple[int, int] | None:
+    """Past IPv6 hop-by-hop, routing and destination options headers: (next header, offset),
+    None when one does not fit."""
+    for _ in range(8):
+        if next_header not in _IPV6_EXTENSIONS:
+            break
+        if end - at < 8:
+            return None
+        next_header, at = data[at], at + (data[at + 1] + 1) * 8
+        if at > end:  # a header running past the data: nothing more can fit
+            return None
+    return next_header, at
+
+
+def _udp_in(
+    data: bytes, family_addresses: bytes, udp: int, end: int, datagram: int
+) -> tuple[bytes, int, int, int] | int:
+    """The UDP header at data[udp:], the IP datagram holding `datagram` bytes from it."""
     if end - udp < 8:
         return NOT_UDP
     udp_length = data[udp + 4] << 8 | data[udp + 5]
     if udp_length < 8 or udp_length > datagram:
         return NOT_UDP
-    key = bytes((version,)) + addresses + data[udp : udp + 4]
+    key = family_addresses + data[udp : udp + 4]
     return key, udp + 8, min(udp_length - 8, end - udp - 8), udp_length - 8
 
 
@@ -273,6 +343,7 @@ class PyScanner:
         self._counters = dict.fromkeys(
             ("frames", "written", "not_udp", "fragments", "not_tunnel", "duplicates"), 0
         )
+        self._reassembly = Reassembler()
         self.last_ts = 0
 
     def set_section(self, swapped: bool) -> None:
@@ -296,7 +367,15 @@ class PyScanner:
         return self._flow_frames.get(key, 0)
 
     def counters(self) -> dict[str, int]:
-        return dict(self._counters)
+        reassembly = self._reassembly
+        counters = dict(self._counters, reassembled=reassembly.reassembled)
+        counters["duplicate_fragments"] = reassembly.duplicate_fragments
+        counters.update((f"lost_{reason}", n) for reason, n in reassembly.lost.items())
+        return counters
+
+    def finish(self) -> None:
+        """End of input: datagrams still waiting for a fragment are lost."""
+        self._reassembly.finish()
 
     def take(self) -> list[tuple[int, bytes]]:
         """The output produced since the last call, per stream, in stream order."""
@@ -385,9 +464,17 @@ class PyScanner:
         counters = self._counters
         counters["frames"] += 1
         self.last_ts = ts
-        found = locate_udp(bytes(view[start : start + caplen]), linktype)
-        if found in (NOT_UDP, FRAGMENT):
-            counters["fragments" if found == FRAGMENT else "not_udp"] += 1
+        data = bytes(view[start : start + caplen])
+        found = locate_udp(data, linktype)
+        if isinstance(found, Fragment):
+            counters["fragments"] += 1
+            whole = self._reassembly.add(found, ts)
+            if whole is None:
+                return None
+            data = whole[0]
+            found = reassembled_udp(found, *whole)
+        if found == NOT_UDP:
+            counters["not_udp"] += 1
             return None
         key, off, length, orig_len = found  # type: ignore[misc]
         if self._port_mode != PORTS_ALL:
@@ -399,10 +486,10 @@ class PyScanner:
         if flow is not None and flow[0] < 0:
             counters["not_tunnel"] += 1
             return None
-        payload = bytes(view[start + off : start + off + length])
+        payload = data[off : off + length]
         duplicate = self._dedupe is not None and self._dedupe.duplicate(payload, ts, key)
         if flow is None:
-            return ts, key, start + off, length, orig_len, duplicate
+            return ts, key, payload, orig_len, duplicate
         if duplicate:
             counters["duplicates"] += 1
             return None
@@ -477,25 +564,47 @@ class LinkSummary:
 
 @dataclass
 class Summary:
-    frames: int = 0
+    frames: int = 0  # records read, fragments included
     written: int = 0
     not_udp: int = 0
-    fragments: int = 0
+    fragments: int = 0  # records holding an IP fragment
+    reassembled: int = 0  # datagrams put together from them (each one frame, or not a tunnel)
+    duplicate_fragments: int = 0  # copies of a fragment already held, ignored
+    # fragmented datagrams never completed, by reason (see reassembly.py): each a lost frame
+    lost: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOST_REASONS, 0))
     not_tunnel: int = 0
     duplicates: int = 0
     backend: str = "c"
     links: list[LinkSummary] = field(default_factory=list)
 
+    def frames_lost(self) -> int:
+        return sum(self.lost.values())
+
     def line(self) -> str:
         text = (
             f"{self.frames} frames read, {self.written} written on {len(self.links)} "
-            f"link{'s' * (len(self.links) != 1)}; left out: {self.not_tunnel} non-tunnel UDP, "
-            f"{self.not_udp} not UDP"
+            f"link{'s' * (len(self.links) != 1)}"
         )
         if self.fragments:
-            text += f", {self.fragments} fragmented datagrams skipped"
+            text += f"; {self.reassembled} reassembled from {self.fragments} fragments"
+            if self.duplicate_fragments:
+                text += f" ({self.duplicate_fragments} duplicate fragments ignored)"
+        text += f"; left out: {self.not_tunnel} non-tunnel UDP, {self.not_udp} not UDP"
         if self.duplicates:
             text += f", {self.duplicates} duplicates dropped"
+        lost = self.frames_lost()
+        if lost:
+            lost_ = self.lost
+            limits = f"{REASSEMBLY_BYTES >> 20} MiB, {REASSEMBLY_DATAGRAMS} datagrams"
+            reasons = [
+                (lost_["timeout"] + lost_["incomplete"], "missing a fragment"),
+                (lost_["evicted"], f"over the reassembly limits ({limits})"),
+                (lost_["overlap"], "with overlapping fragments"),
+                (lost_["malformed"], "with malformed fragments"),
+                (lost_["snaplen"], "cut by the snaplen"),
+            ]
+            why = ", ".join(f"{n} {reason}" for n, reason in reasons if n)
+            text += f"; lost: {lost} frame{'s' * (lost != 1)} in incomplete datagrams ({why})"
         return text
 
 
@@ -763,7 +872,7 @@ class Decap:
             event, pos, info = scanner.scan(buf, pos, end)
             self._collect()
             if event == FRAME:
-                self._on_frame(buf, info)  # type: ignore[arg-type]
+                self._on_frame(info)  # type: ignore[arg-type]
             elif event == BLOCK:
                 pos = self._on_block(buf, pos)
             elif eof:
@@ -797,13 +906,13 @@ class Decap:
             return f"truncated record header after frame {frames}"
         return f"frame {frames + 1}: truncated record ({left - 16} bytes of data)"
 
-    def _on_frame(self, buf: bytearray, info: FrameInfo) -> None:
-        ts, flow, off, caplen, orig_len, duplicate = info
+    def _on_frame(self, info: FrameInfo) -> None:
+        ts, flow, payload, orig_len, duplicate = info
+        caplen = len(payload)
         key, outbound = _link_key(flow)
         link = self._pending.get(key)
         if link is None:
             link = self._pending[key] = _Link(key, ts)
-        payload = bytes(buf[off : off + caplen])
         known = self.options.ports is not None and self.options.linktype is not None
         if not known:  # a snaplen cut must not read as malformed: judge it zero-filled
             link.detector.feed(payload + bytes(orig_len - caplen) if orig_len > caplen else payload)
@@ -964,6 +1073,7 @@ class Decap:
 
     def _finish(self) -> None:
         """End of input: decide every waiting link, write everything, close the files."""
+        self.scanner.finish()
         while self._pending:
             self._decide(next(iter(self._pending.values())))
         self._collect()
@@ -978,6 +1088,9 @@ class Decap:
             written=counters["written"] + self._counts["written"],
             not_udp=counters["not_udp"],
             fragments=counters["fragments"],
+            reassembled=counters["reassembled"],
+            duplicate_fragments=counters["duplicate_fragments"],
+            lost={reason: counters[f"lost_{reason}"] for reason in LOST_REASONS},
             not_tunnel=counters["not_tunnel"] + self._counts["not_tunnel"],
             duplicates=counters["duplicates"] + self._counts["duplicates"],
             backend=self.backend,

@@ -130,8 +130,13 @@ def decap(
     first), its description holding the full addresses; frames sent from the lower
     address:port end are marked outbound, the others inbound.
 
+    IP fragments (IPv4, IPv6) are reassembled in any order, within 30 s (IPv6: 60 s) of
+    capture time, 4 MiB and 4096 pending datagrams; datagrams that cannot be completed
+    (a fragment missing or cut by the snaplen, overlapping or malformed fragments, over the
+    limits) are counted as lost frames, by reason.
+
     Left out and counted: other UDP (DNS, NTP and other well-known services, flows whose
-    payloads are not L2 frames), what is not UDP, fragmented datagrams (not reassembled).
+    payloads are not L2 frames), what is not UDP.
     A summary goes to stderr (--json: to stdout). Memory stays bounded whatever the size of
     IN; a progress bar shows when stderr is a terminal.
 
