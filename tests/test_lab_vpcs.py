@@ -399,3 +399,23 @@ def test_one_console_drives_a_link_relayed_on_another_host(tmp_path: Path) -> No
             assert streamed.wait(15) == 0
         frames = tshark.fields(str(here / "here.pcapng"), ["icmp.seq"])
         assert len(frames) == delivered  # every frame b delivered, streamed into a's file
+
+        # a live view of the same remote link: `capture --wireshark` runs `wireshark -k -i -`
+        # on the stream (here a stand-in that hands it to tshark and ends after 8 frames)
+        viewer = tmp_path / "bin"
+        viewer.mkdir()
+        seen = tmp_path / "viewer.txt"
+        (viewer / "wireshark").write_text(
+            '#!/bin/sh\n[ "$*" = "-k -i -" ] || exit 9\n'
+            f"exec tshark -l -i - -c 8 -T fields -e icmp.seq > {seen}\n"
+        )
+        (viewer / "wireshark").chmod(0o755)
+        env = {**os.environ, "PATH": f"{viewer}:{os.environ['PATH']}"}
+        watching = subprocess.Popen([*command, "--wireshark", *flags], env=env)
+        try:
+            time.sleep(1)  # the stream is up before the pings
+            assert lost(pc1.ping("10.0.0.2", count=4)) == set()
+            assert watching.wait(20) == 0
+        finally:
+            watching.kill()
+        assert seen.read_text().split() == ["1", "1", "2", "2", "3", "3", "4", "4"]

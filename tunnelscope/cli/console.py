@@ -22,6 +22,7 @@ from tunnelscope.cli.labverbs import (
     links_table,
     stats_table,
     stream_capture,
+    stream_request,
 )
 from tunnelscope.datapath.impairments import NAMES
 from tunnelscope.lab.control import Code, ControlError, ControlUnavailable, tokenize
@@ -128,9 +129,8 @@ class ConsoleSession:
             raise ControlError(Code.START, f"{args[0]} {args[1]} is already being captured here")
         host, address, link, token = remote
         try:
-            self.streamed[key] = stream_capture(
-                address, link, token, args[2], linktype, "post", False
-            )
+            request = stream_request(link, token, linktype, "post", args[2].endswith(".pcapng"))
+            self.streamed[key] = stream_capture(address, request, args[2])
         except Failure as exc:
             raise ControlError(Code.FILE, exc.format_message()) from None
         self.out.print(

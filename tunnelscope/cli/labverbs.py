@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -20,12 +21,15 @@ from rich.live import Live
 from rich.table import Table
 
 from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.stream import to_file, to_wireshark
 from tunnelscope.datapath.engine import CAPTURE_POINTS
 from tunnelscope.lab.control import CONTROL_ENV, DEFAULT_CONTROL, ControlError, ControlUnavailable
-from tunnelscope.lab.hosts import Host, LabHosts
+from tunnelscope.lab.hosts import LabHosts
 from tunnelscope.lab.stream import Request, StreamedCapture, StreamError, tunnel_linktype
+from tunnelscope.lab.stream import connect as open_stream
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def control_option(function: F) -> F:
@@ -85,6 +89,11 @@ def fetch_links(client: LabHosts) -> list[dict[str, Any]]:
     help="A link another host relays: write FILE there, in its captures directory (default:"
     " streamed here, into FILE, until Ctrl-C).",
 )
+@click.option(
+    "--wireshark",
+    is_flag=True,
+    help="Watch the link live in Wireshark instead of writing FILE, wherever it is relayed.",
+)
 @control_option
 def capture(
     device: str,
@@ -95,6 +104,7 @@ def capture(
     point: str,
     pcapng: bool,
     remote_file: bool,
+    wireshark: bool,
     control: tuple[str, ...],
 ) -> None:
     """Capture the link on DEVICE INTERFACE into FILE, in the lab's captures directory.
@@ -102,12 +112,15 @@ def capture(
     The encapsulation is detected from the first frames when LINKTYPE is omitted. FILE is
     relative to the captures directory of the served lab; names leaving it are refused. In a
     lab spanning hosts (one --control per host), a link another host relays is streamed from
-    it into FILE here until Ctrl-C, or written there with --remote-file.
+    it into FILE here until Ctrl-C, or written there with --remote-file. FILE - and
+    --wireshark watch the link live (served by `serve --stream`) on stdout or in Wireshark.
 
     \b
     Examples:
       tunnelscope capture R1 s1/0 r1.cap HDLC
       tunnelscope capture R1 f0/0 r1.pcapng --at both
+      tunnelscope capture R2 s1/0 --wireshark         # wherever R2 s1/0 is relayed
+      tunnelscope capture R1 s1/0 - | tshark -r -
       tunnelscope capture --stop R1 s1/0
     """
     with connect(control) as client:
@@ -116,15 +129,26 @@ def capture(
                 raise Failure("capture --stop takes DEVICE INTERFACE only")
             click.echo(ask(client, "lab", "stop_capture", device, interface)[-1])
             return
-        if not file:
-            raise Failure("give the capture FILE (or --stop)")
-        remote = None if remote_file else _remote(client, device, interface)
-        if remote is None:
-            words = [file, linktype or "auto", point] + (["pcapng"] if pcapng else [])
-            click.echo(ask(client, "lab", "capture", device, interface, *words)[-1])
-            return
-    host, address, link, token = remote
-    streamed = stream_capture(address, link, token, file, linktype, point, pcapng)
+        if wireshark and file:
+            raise Failure("capture --wireshark takes no FILE")
+        if not (file or wireshark):
+            raise Failure("give the capture FILE, - or --wireshark (or --stop)")
+        if wireshark or file == "-":
+            _, address, link, token = _source(client.stream_source, device, interface)
+        else:
+            remote = None if remote_file else _source(client.remote_stream, device, interface)
+            if remote is None:
+                words = [file, linktype or "auto", point] + (["pcapng"] if pcapng else [])
+                click.echo(ask(client, "lab", "capture", device, interface, *words)[-1])
+                return
+            host, address, link, token = remote
+    pcapng = pcapng or wireshark or (file or "").endswith(".pcapng")
+    request = stream_request(link, token, linktype, point, pcapng)
+    if file is None or file == "-":
+        with connect_stream(address, request) as sock:
+            to_wireshark(sock) if wireshark else to_file(sock, "-")
+        return
+    streamed = stream_capture(address, request, file)
     click.echo(f"capturing {device} {interface} (relayed on {host.name}) into {file}; Ctrl-C stops")
     signal.signal(signal.SIGTERM, lambda *_: streamed.stop())
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the capture, not the lab
@@ -135,33 +159,40 @@ def capture(
     click.echo(f"stopped: {streamed.bytes} bytes in {file}")
 
 
-def _remote(
-    client: LabHosts, device: str, interface: str
-) -> tuple[Host, str, str, str | None] | None:
+def _source(find: Callable[[str, str], T], device: str, interface: str) -> T:
+    """Where a link's live stream is (LabHosts.stream_source or remote_stream), or Failure."""
     try:
-        return client.remote_stream(device, interface)
+        return find(device, interface)
     except (ControlError, ControlUnavailable, ValueError) as exc:
         raise Failure(str(exc)) from None
 
 
-def stream_capture(
-    address: str,
-    link: str,
-    token: str | None,
-    path: str,
-    linktype: str | None,
-    point: str,
-    pcapng: bool,
-) -> StreamedCapture:
-    """A capture of a link another host relays, streamed into `path` here."""
+def stream_request(
+    link: str, token: str | None, linktype: str | None, point: str, pcapng: bool
+) -> Request:
+    """The stream request for a console's capture (pcapng always for `--at both`)."""
     try:
-        request = Request(
+        return Request(
             link=link,
             points=point,
-            pcapng=pcapng or point == "both" or path.endswith(".pcapng"),
+            pcapng=pcapng or point == "both",
             linktype=tunnel_linktype(linktype) if linktype and linktype != "auto" else None,
             token=token,
         )
+    except StreamError as exc:
+        raise Failure(str(exc)) from None
+
+
+def connect_stream(address: str, request: Request) -> socket.socket:
+    try:
+        return open_stream(address, request)
+    except StreamError as exc:
+        raise Failure(str(exc)) from None
+
+
+def stream_capture(address: str, request: Request, path: str) -> StreamedCapture:
+    """A capture of a link another host relays, streamed into `path` here."""
+    try:
         return StreamedCapture(address, request, path)
     except StreamError as exc:
         raise Failure(str(exc)) from None

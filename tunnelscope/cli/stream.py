@@ -68,12 +68,13 @@ def stream(
         raise Failure(str(exc)) from None
     with sock:
         if wireshark:
-            _to_wireshark(sock)
+            to_wireshark(sock)
         else:
-            _to_file(sock, path or "-")
+            to_file(sock, path or "-")
 
 
-def _to_file(sock: socket.socket, path: str) -> None:
+def to_file(sock: socket.socket, path: str) -> None:
+    """Copy a live stream into `path` (- = stdout) until it ends, the reader leaves or Ctrl-C."""
     try:
         fd = (
             os.dup(sys.stdout.fileno())
@@ -92,7 +93,8 @@ def _to_file(sock: socket.socket, path: str) -> None:
         os.close(fd)
 
 
-def _to_wireshark(sock: socket.socket) -> None:
+def to_wireshark(sock: socket.socket) -> None:
+    """Show a live stream in `wireshark -k -i -` until either side ends."""
     program = shutil.which("wireshark")
     if program is None:
         raise Failure("wireshark is not installed (use -w - | tshark -r - instead)")

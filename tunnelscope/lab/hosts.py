@@ -104,23 +104,33 @@ class LabHosts:
     def remote_stream(
         self, device: str, interface: str
     ) -> tuple[Host, str, str, str | None] | None:
-        """For a link another machine relays: (its host, the stream address, the link's
-        name, the token); None when it is relayed here (a host reached over loopback).
-
-        ControlError when that host serves no streams a console elsewhere can reach.
-        """
+        """`stream_source` for a link another machine relays; None when it is relayed here
+        (a host reached over loopback), where the control plane captures it itself."""
         if not self.several:
             return None
         host = self._host_of(device)
-        control_host = parse_address(host.address)[0]
-        if is_loopback(control_host):
+        if is_loopback(parse_address(host.address)[0]):
             return None
+        return self._stream_of(host, device, interface)
+
+    def stream_source(self, device: str, interface: str) -> tuple[Host, str, str, str | None]:
+        """Where the link on DEVICE INTERFACE is served live, as reached from here: (the host
+        relaying it, the stream address, the link's name, the token).
+
+        ControlError when that host serves no streams a console here can reach.
+        """
+        return self._stream_of(self._host_of(device), device, interface)
+
+    def _stream_of(
+        self, host: Host, device: str, interface: str
+    ) -> tuple[Host, str, str, str | None]:
+        control_host = parse_address(host.address)[0]
         found = self._ask(host, ("lab", "find", device, interface))[-1]
         lines = self._ask(host, ("lab", "stream"))[:-1]
         stream_host, port = parse_address(lines[0])
         if stream_host in ("0.0.0.0", "::"):  # every address: the one its control answers on
             stream_host = control_host
-        elif is_loopback(stream_host):
+        elif is_loopback(stream_host) and not is_loopback(control_host):
             raise ControlError(
                 Code.UNSPECIFIED,
                 f"host {host.name} serves its live streams on loopback only; give its serve"

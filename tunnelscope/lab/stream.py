@@ -26,6 +26,7 @@ exit) so that the Wireshark extcap can list their links.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import json
 import os
@@ -493,14 +494,28 @@ class _Prefixed(socket.socket):
 
 
 def copy_stream(sock: socket.socket, fd: int) -> int:
-    """Copy the capture to `fd` until the stream ends; bytes copied (BrokenPipe: reader left)."""
+    """Copy the capture to `fd` until the stream ends; bytes copied (BrokenPipe: reader left).
+
+    A reader that leaves a pipe (Wireshark closed, `head` done) ends the copy at once, not at
+    the next frame: an idle link would otherwise keep the command waiting.
+    """
     total = 0
-    while data := sock.recv(1 << 16):
+    watch = select.poll()
+    watch.register(sock, select.POLLIN)
+    watch.register(fd, 0)  # a pipe whose reader left reports POLLERR; files report nothing
+    while True:
+        events = dict(watch.poll())
+        if events.get(fd, 0) & (select.POLLERR | select.POLLHUP):
+            raise BrokenPipeError(errno.EPIPE, "the reader left")
+        if sock.fileno() not in events:
+            continue
+        data = sock.recv(1 << 16)
+        if not data:
+            return total
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         total += len(data)
-    return total
 
 
 class StreamedCapture:
