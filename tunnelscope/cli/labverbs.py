@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import COUNT, POSITIVE, Address, Failure, echo_json
 from tunnelscope.datapath.engine import CAPTURE_POINTS
 from tunnelscope.lab.control import (
     CONTROL_ENV,
@@ -34,6 +34,7 @@ def control_option(function: F) -> F:
     return click.option(
         "--control",
         metavar="HOST:PORT",
+        type=Address(),
         envvar=CONTROL_ENV,
         default=DEFAULT_CONTROL,
         show_default=True,
@@ -156,8 +157,8 @@ def links(as_json: bool, control: str) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
-@click.option("--count", type=int, metavar="N", help="Stop after N refreshes.")
-@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds.")
+@click.option("--count", type=COUNT, metavar="N", help="Stop after N refreshes.")
+@click.option("--interval", type=POSITIVE, default=1.0, show_default=True, help="Seconds.")
 @control_option
 def stats(as_json: bool, count: int | None, interval: float, control: str) -> None:
     """Show every link's per-direction rates, drops by cause and capture state, live.
