@@ -29,7 +29,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("tunnelscope: error: ") or lines[0].startswith("Error: ")
+    assert lines[0].startswith("tunnelscope: error: ")
     assert "Traceback" not in done.stderr
     for fragment in fragments:
         assert fragment in lines[0]

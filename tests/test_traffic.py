@@ -318,7 +318,7 @@ def test_blast_and_sink_commands(tmp_path) -> None:
     [
         (["blast", "udp:1:127.0.0.1:2", "--size", "20"], "frame size 20 is out of range"),
         (["blast", "udp:x", "--count", "1"], "udp:x"),
-        (["blast", "udp:1:127.0.0.1:2", "--frame", "fr", "--dlci", "2000"], "dlci 2000"),
+        (["blast", "udp:1:127.0.0.1:2", "--frame", "fr", "--dlci", "2000"], "'--dlci': 2000"),
         (["sink", "nope:1"], "unknown endpoint type"),
     ],
 )

@@ -14,10 +14,11 @@ import click
 
 from tunnelscope.analysis.traffic import FRAMINGS, FrameFactory, Framing
 from tunnelscope.analysis.traffic import blast as run_blast
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import COUNT, POSITIVE, Failure, echo_json
 from tunnelscope.nio import Endpoint, EndpointError, open_endpoint
 
 _DEFAULTS = Framing()
+STREAM_ID = click.IntRange(0, 2**32 - 1)  # the probe header's 32-bit field
 
 
 def framing_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,7 +34,7 @@ def framing_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--size",
-            type=int,
+            type=click.IntRange(min=1),
             help="Frame size in bytes, L2 header included [default: 64, or the smallest the "
             "framing allows].",
         ),
@@ -41,13 +42,23 @@ def framing_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dst-mac", default=_DEFAULTS.dst_mac, show_default=True),
         click.option("--src-ip", default=_DEFAULTS.src_ip, show_default=True),
         click.option("--dst-ip", default=_DEFAULTS.dst_ip, show_default=True),
-        click.option("--sport", type=int, default=_DEFAULTS.sport, show_default=True),
-        click.option("--dport", type=int, default=_DEFAULTS.dport, show_default=True),
-        click.option("--ttl", type=int, default=_DEFAULTS.ttl, show_default=True),
         click.option(
-            "--dlci", type=int, default=_DEFAULTS.dlci, show_default=True, help="Frame Relay DLCI."
+            "--sport", type=click.IntRange(0, 65535), default=_DEFAULTS.sport, show_default=True
         ),
-        click.option("--stream", type=int, help="Stream id [default: random]."),
+        click.option(
+            "--dport", type=click.IntRange(0, 65535), default=_DEFAULTS.dport, show_default=True
+        ),
+        click.option(
+            "--ttl", type=click.IntRange(1, 255), default=_DEFAULTS.ttl, show_default=True
+        ),
+        click.option(
+            "--dlci",
+            type=click.IntRange(0, 1023),
+            default=_DEFAULTS.dlci,
+            show_default=True,
+            help="Frame Relay DLCI.",
+        ),
+        click.option("--stream", type=STREAM_ID, help="Stream id [default: random]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -85,9 +96,9 @@ def stop_on_signals() -> threading.Event:
 @click.command()
 @click.argument("nio")
 @framing_options
-@click.option("--rate", type=float, help="Frames per second [default: flat out].")
-@click.option("--count", type=click.IntRange(min=1), help="Stop after N frames.")
-@click.option("--duration", type=click.FloatRange(min=0), help="Stop after SECONDS.")
+@click.option("--rate", type=POSITIVE, help="Frames per second [default: flat out].")
+@click.option("--count", type=COUNT, help="Stop after N frames.")
+@click.option("--duration", type=POSITIVE, help="Stop after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def blast(
     nio: str,
@@ -109,8 +120,6 @@ def blast(
       tunnelscope blast udp:20000:127.0.0.1:10001 --frame ipv4 --size 1400 --count 100000
     """
     factory = open_factory(framing)
-    if rate is not None and rate <= 0:
-        raise Failure(f"rate {rate:g} must be a positive number of frames per second")
     endpoint = open_nio(nio)
     try:
         result = run_blast(endpoint, factory, rate, count, duration, stop_on_signals())

@@ -12,7 +12,16 @@ from typing import Any
 
 import click
 
-from tunnelscope.cli.common import Failure, capture_at_option, direction_text, echo_json
+from tunnelscope.cli.common import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    Address,
+    Failure,
+    capture_at_option,
+    direction_text,
+    echo_json,
+)
 from tunnelscope.datapath.engine import Engine, Link, parse_conditional
 from tunnelscope.datapath.impairments import ImpairmentError
 from tunnelscope.formats.capture import CaptureError, Format, Ring
@@ -52,7 +61,7 @@ from tunnelscope.nio import EndpointError
     metavar="KEY:VALUE",
     help="Stop capturing (and bridging) on duration:S, filesize:KB, files:N, packets:N.",
 )
-@click.option("-c", "count", type=int, default=0, metavar="N", help="Stop after N frames.")
+@click.option("-c", "count", type=COUNT, metavar="N", help="Stop after N frames.")
 @click.option(
     "--wireshark", "viewer", flag_value="wireshark", help="Watch live in Wireshark (pcapng)."
 )
@@ -70,16 +79,21 @@ from tunnelscope.nio import EndpointError
 @click.option(
     "--stats",
     "stats_every",
-    type=float,
+    type=POSITIVE,
     is_flag=False,
     flag_value=1.0,
     metavar="[SECONDS]",
     help="Print a status line every SECONDS (default 1).",
 )
-@click.option("--duration", type=float, metavar="SECONDS", help="Stop after SECONDS.")
+@click.option("--duration", type=POSITIVE, metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--name", default="link", show_default=True, help="The link's name in captures.")
 @click.option(
-    "--flush-ms", type=float, default=10.0, show_default=True, help="Capture flush timer."
+    "--flush-ms",
+    type=NON_NEGATIVE,
+    default=10.0,
+    show_default=True,
+    metavar="MS",
+    help="Write the capture at least every MS milliseconds.",
 )
 @click.option(
     "--backend", type=click.Choice(["auto", "c", "python"]), default="auto", show_default=True
@@ -94,6 +108,7 @@ from tunnelscope.nio import EndpointError
 @click.option(
     "--stream",
     metavar="HOST:PORT|off",
+    type=Address(listen=True, off=True),
     default="127.0.0.1:0",
     show_default=True,
     help="Serve live captures of this link over TCP (`tunnelscope stream`, the Wireshark"
@@ -121,7 +136,7 @@ def bridge(
     capture_filter: str | None,
     ring: tuple[str, ...],
     autostop: tuple[str, ...],
-    count: int,
+    count: int | None,
     viewer: str | None,
     impairments: tuple[str, ...],
     seed: int | None,
@@ -161,7 +176,7 @@ def bridge(
     try:
         parsed = [parse_conditional(text) for text in impairments]
         chosen_linktype = None if linktype == "auto" else LinkType.parse(linktype)
-        limits = Ring.parse(ring, autostop, count)
+        limits = Ring.parse(ring, autostop, count or 0)
         if viewer and path:
             raise ValueError(f"--{viewer} and -w cannot be used together")
         if viewer and not shutil.which(viewer):

@@ -25,7 +25,7 @@ from tunnelscope.analysis.compare import (
     compare,
     parse_ignore,
 )
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import POSITIVE, Failure, echo_json
 
 
 @click.command(name="compare")
@@ -33,7 +33,7 @@ from tunnelscope.cli.common import Failure, echo_json
 @click.argument("b", metavar="[B]", required=False)
 @click.option(
     "--window",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=DEFAULT_WINDOW,
     show_default=True,
     metavar="SECONDS",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import Failure, PortSet, echo_json
 from tunnelscope.formats.capture import CaptureError
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.formats.packet import CaptureFormatError
@@ -21,30 +21,11 @@ if TYPE_CHECKING:
     from tunnelscope.analysis.decap import Options, Summary
 
 
-def parse_ports(text: str) -> frozenset[int]:
-    """`10001,10002` or `10000-10010` (mixed freely) -> the set of ports."""
-    ports: set[int] = set()
-    for item in text.replace(" ", "").split(","):
-        first, _, last = item.partition("-")
-        try:
-            low, high = int(first), int(last or first)
-        except ValueError:
-            raise ValueError(f"{item!r} is not a port or a range such as 10000-10010") from None
-        if not 1 <= low <= high <= 65535:
-            raise ValueError(f"{item!r}: ports run from 1 to 65535, low to high")
-        ports.update(range(low, high + 1))
-    return frozenset(ports)
-
-
-def decap_options(ports: str | None, linktype: str | None, dedupe: bool) -> Options:
-    """decap's --ports, --linktype and --dedupe (shared with sniff), checked."""
+def decap_options(ports: frozenset[int] | None, linktype: str | None, dedupe: bool) -> Options:
+    """decap's --ports (already a set: PortSet), --linktype and --dedupe, shared with sniff."""
     from tunnelscope.analysis.decap import Options
 
-    options = Options(dedupe=dedupe)
-    try:
-        options.ports = parse_ports(ports) if ports is not None else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--ports") from None
+    options = Options(ports=ports, dedupe=dedupe)
     try:
         options.linktype = LinkType.parse(linktype) if linktype is not None else None
     except ValueError as exc:
@@ -93,6 +74,7 @@ def _progress(source: str) -> Iterator[Callable[[int], None] | None]:
 )
 @click.option(
     "--ports",
+    type=PortSet(),
     metavar="LIST",
     help="Only the links with one of these UDP ports (10001,10002 or 10000-10010); every "
     "such link is taken as a tunnel, whatever it carries.",
@@ -115,7 +97,7 @@ def decap(
     source: str,
     output: str | None,
     split_dir: str | None,
-    ports: str | None,
+    ports: frozenset[int] | None,
     linktype: str | None,
     dedupe: bool,
     as_json: bool,

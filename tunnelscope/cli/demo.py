@@ -27,7 +27,13 @@ from tunnelscope.formats.linktype import LinkType
     help="Where the captures go.",
 )
 @click.option("--backend", type=click.Choice(["auto", "c", "python"]), default="auto")
-@click.option("--pings", default=10, show_default=True, help="Echo requests per link.")
+@click.option(
+    "--pings",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Echo requests per link.",
+)
 def demo(out_dir: str, backend: str, pings: int) -> None:
     """Run a built-in lab through tunnelscope and show what it captured.
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from tunnelscope.analysis.sniff import SniffError
-from tunnelscope.cli.common import Failure
-from tunnelscope.cli.decap import parse_ports
+from tunnelscope.cli.common import Failure, PortSet
 from tunnelscope.datapath.engine import CAPTURE_POINTS
 from tunnelscope.formats.capture import CaptureError
 from tunnelscope.lab import extcap as ext
@@ -26,7 +25,7 @@ from tunnelscope.lab import extcap as ext
 @click.option("--extcap-control-out", "control_out", metavar="PATH")
 @click.option("--linktype", default="auto", help="Link type of the capture (link interfaces).")
 @click.option("--capture-at", "points", type=click.Choice(CAPTURE_POINTS[:2]), default="pre")
-@click.option("--ports", metavar="LIST", help="Tunnel ports (tunnelscope-sniff).")
+@click.option("--ports", type=PortSet(), metavar="LIST", help="Tunnel ports (tunnelscope-sniff).")
 @click.option("--dedupe", is_flag=True, help="Drop ubridge copies (tunnelscope-sniff).")
 @click.option("--debug", is_flag=True, hidden=True)
 @click.option("--debug-file", hidden=True)
@@ -46,7 +45,7 @@ def extcap(
     control_out: str | None,
     linktype: str,
     points: str,
-    ports: str | None,
+    ports: frozenset[int] | None,
     dedupe: bool,
     debug: bool,
     debug_file: str | None,
@@ -71,14 +70,9 @@ def extcap(
             if not fifo:
                 raise Failure("--capture needs --fifo PATH")
             args = ext.CaptureArgs(
-                interface, fifo, capture_filter, linktype, points, None, dedupe, control_in,
+                interface, fifo, capture_filter, linktype, points, ports, dedupe, control_in,
                 control_out,
             )  # fmt: skip
-            if ports:
-                try:
-                    args.ports = parse_ports(ports)
-                except ValueError as exc:
-                    raise Failure(f"--ports: {exc}") from None
             ext.capture(args)
         else:
             raise Failure(

@@ -14,7 +14,7 @@ from typing import IO
 import click
 
 from tunnelscope import __version__
-from tunnelscope.cli.common import Failure
+from tunnelscope.cli.common import Address, Failure
 from tunnelscope.datapath.engine import Engine
 from tunnelscope.lab.control import (
     UBRIDGE_VERSION,
@@ -26,9 +26,22 @@ from tunnelscope.lab.control import (
 
 
 @click.command()
-@click.option("-H", "listen", metavar="[HOST:]PORT", help="Serve the control protocol here.")
+@click.option(
+    "-H",
+    "listen",
+    type=Address(listen=True),
+    metavar="[HOST:]PORT",
+    help="Serve the control protocol here.",
+)
 @click.option("-v", "show_version", is_flag=True, help="Print `ubridge version X` and exit.")
-@click.option("-d", "debug", type=int, default=0, metavar="LEVEL", help="1: log the exchange.")
+@click.option(
+    "-d",
+    "debug",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="LEVEL",
+    help="1: log the exchange.",
+)
 @click.option(
     "--captures-dir",
     default=".",

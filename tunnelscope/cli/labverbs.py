@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import COUNT, POSITIVE, Address, Failure, echo_json
 from tunnelscope.cli.stream import to_file, to_wireshark
 from tunnelscope.datapath.engine import CAPTURE_POINTS
 from tunnelscope.lab.control import CONTROL_ENV, DEFAULT_CONTROL, ControlError, ControlUnavailable
@@ -36,6 +36,7 @@ def control_option(function: F) -> F:
     return click.option(
         "--control",
         metavar="[NAME=]HOST:PORT",
+        type=Address(named=True),
         envvar=CONTROL_ENV,
         multiple=True,
         default=[DEFAULT_CONTROL],
@@ -241,8 +242,8 @@ def links(as_json: bool, control: tuple[str, ...]) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
-@click.option("--count", type=int, metavar="N", help="Stop after N refreshes.")
-@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds.")
+@click.option("--count", type=COUNT, metavar="N", help="Stop after N refreshes.")
+@click.option("--interval", type=POSITIVE, default=1.0, show_default=True, help="Seconds.")
 @control_option
 def stats(as_json: bool, count: int | None, interval: float, control: tuple[str, ...]) -> None:
     """Show every link's per-direction rates, drops by cause and capture state, live.

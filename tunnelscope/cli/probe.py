@@ -10,7 +10,7 @@ import click
 
 from tunnelscope.analysis.traffic import attribute_losses, plot_report, probe_report, run_probe
 from tunnelscope.cli.blast import framing_options, open_factory, open_nio, stop_on_signals
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import COUNT, NON_NEGATIVE, POSITIVE, Failure, FiniteFloat, echo_json
 from tunnelscope.formats.packet import CaptureFormatError
 
 
@@ -18,21 +18,20 @@ from tunnelscope.formats.packet import CaptureFormatError
 @click.option("--from", "source", required=True, metavar="NIO", help="Where probes go in.")
 @click.option("--to", "target", required=True, metavar="NIO", help="Where they come out.")
 @framing_options
-@click.option("--rate", type=float, default=1000.0, show_default=True, help="Probes per second.")
-@click.option("--count", type=click.IntRange(min=1), help="Probes to send [default: 1000].")
+@click.option("--rate", type=POSITIVE, default=1000.0, show_default=True, help="Probes per second.")
+@click.option("--count", type=COUNT, help="Probes to send [default: 1000].")
+@click.option("--duration", type=POSITIVE, help="Send for SECONDS instead.")
 @click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), help="Send for SECONDS instead."
-)
-@click.option(
-    "--wait", type=click.FloatRange(min=0), default=0.5, show_default=True,
+    "--wait", type=NON_NEGATIVE, default=0.5, show_default=True,
     help="Seconds to wait for stragglers after the last probe.",
 )  # fmt: skip
 @click.option(
-    "--confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95, show_default=True,
+    "--confidence", type=FiniteFloat(0.5, 1, max_open=True), default=0.95, show_default=True,
     help="Of the loss interval (Wilson).",
 )  # fmt: skip
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True),
-              help="Seconds per time-series point [default: at most 100 points].")  # fmt: skip
+@click.option(
+    "--interval", type=POSITIVE, help="Seconds per time-series point [default: at most 100 points]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", metavar="FILE.png", help="Draw loss and delay over time (matplotlib).")
 @click.option(
@@ -78,8 +77,6 @@ def probe(
           --bridge-capture path.pcapng
     """
     factory = open_factory(framing)
-    if not (rate > 0 and math.isfinite(rate)):
-        raise Failure(f"rate {rate:g} must be a positive number of probes per second")
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise Failure("--plot needs matplotlib: pip install 'tunnelscope[plot]'")
     if duration is not None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import click
 
-from tunnelscope.cli.common import Failure, echo_json
+from tunnelscope.cli.common import Address, Failure, echo_json
 from tunnelscope.datapath.engine import Engine
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.lab.control import (
@@ -35,6 +35,7 @@ from tunnelscope.nio import EndpointError
 @click.option(
     "--control",
     metavar="HOST:PORT",
+    type=Address(listen=True),
     envvar=CONTROL_ENV,
     default=DEFAULT_CONTROL,
     show_default=True,
@@ -44,6 +45,7 @@ from tunnelscope.nio import EndpointError
 @click.option(
     "--stream",
     metavar="HOST:PORT",
+    type=Address(listen=True, off=True),
     default="127.0.0.1:0",
     show_default=True,
     help="Where live captures are served over TCP (`tunnelscope stream`, the Wireshark extcap,"

@@ -7,20 +7,20 @@ from typing import Any
 import click
 
 from tunnelscope.analysis.traffic import sink as run_sink
-from tunnelscope.cli.blast import open_nio, stop_on_signals
-from tunnelscope.cli.common import echo_json
+from tunnelscope.cli.blast import STREAM_ID, open_nio, stop_on_signals
+from tunnelscope.cli.common import COUNT, POSITIVE, echo_json
 
 
 @click.command()
 @click.argument("nio")
-@click.option("--count", type=click.IntRange(min=1), help="Stop after N test frames.")
-@click.option("--duration", type=click.FloatRange(min=0), help="Stop after SECONDS.")
+@click.option("--count", type=COUNT, help="Stop after N test frames.")
+@click.option("--duration", type=POSITIVE, help="Stop after SECONDS.")
 @click.option(
     "--idle",
-    type=click.FloatRange(min=0),
+    type=POSITIVE,
     help="Stop once no test frame came for SECONDS (counted from the first one).",
 )
-@click.option("--stream", type=int, help="Count this stream only [default: the first seen].")
+@click.option("--stream", type=STREAM_ID, help="Count this stream only [default: the first seen].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sink(
     nio: str,

@@ -8,7 +8,7 @@ import time
 import click
 
 from tunnelscope.analysis.sniff import PacketSource, Sniffer, SniffError
-from tunnelscope.cli.common import Failure
+from tunnelscope.cli.common import COUNT, POSITIVE, Failure, PortSet
 from tunnelscope.cli.decap import _report, decap_options
 from tunnelscope.formats.capture import CaptureError
 
@@ -17,17 +17,19 @@ from tunnelscope.formats.capture import CaptureError
 @click.option("-i", "--interface", default="lo", show_default=True, help="Where to listen.")
 @click.option("-w", "--write", "output", metavar="OUT", help="The pcapng to write (- = stdout).")
 @click.option("--split", "split_dir", metavar="DIR", help="One classic pcap per link into DIR.")
-@click.option("--ports", metavar="LIST", help="Only links with one of these UDP ports.")
+@click.option(
+    "--ports", type=PortSet(), metavar="LIST", help="Only links with one of these UDP ports."
+)
 @click.option("--linktype", metavar="TYPE", help="Write every link as TYPE (no detection).")
 @click.option("--dedupe", is_flag=True, help="Drop second copies relayed by a ubridge.")
-@click.option("--duration", type=float, metavar="SECONDS", help="Stop after SECONDS.")
-@click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after N tunnel frames.")
+@click.option("--duration", type=POSITIVE, metavar="SECONDS", help="Stop after SECONDS.")
+@click.option("-c", "--count", type=COUNT, help="Stop after N tunnel frames.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def sniff(
     interface: str,
     output: str | None,
     split_dir: str | None,
-    ports: str | None,
+    ports: frozenset[int] | None,
     linktype: str | None,
     dedupe: bool,
     duration: float | None,

@@ -10,12 +10,12 @@ import sys
 
 import click
 
-from tunnelscope.cli.common import Failure, capture_at_option
+from tunnelscope.cli.common import Address, Failure, capture_at_option
 from tunnelscope.lab.stream import Request, StreamError, connect, copy_stream, tunnel_linktype
 
 
 @click.command()
-@click.argument("address", metavar="HOST:PORT")
+@click.argument("address", metavar="HOST:PORT", type=Address())
 @click.argument("link", required=False)
 @click.option(
     "-w", "--write", "path", metavar="FILE", help="Write the capture to FILE (- = stdout)."

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import stat
 import struct
@@ -119,7 +120,7 @@ class Ring:
                     number = kind(value)
                 except ValueError:
                     number = -1
-                if number <= 0:
+                if not (number > 0 and math.isfinite(number)):  # nan passes `<= 0`
                     raise ValueError(f"{flag} {option}: the value must be a number > 0")
                 setattr(result, name, number)
         if result.stop_frames < 0:
