@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import socket
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from tunnelscope.lab.control import (
     ControlClient,
     ControlError,
     Switchboard,
+    gns3_captures_dir,
     parse_address,
     quote,
     run_service,
@@ -568,3 +570,64 @@ def test_hypervisor_answers_as_ubridge_and_stops_on_request(tmp_path: Path) -> N
         [*tunnelscope, "-H", "127.0.0.1:nope"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and bad.stderr.startswith("tunnelscope: error:")
+
+
+def _launchers(tmp_path: Path) -> dict[str, Path]:
+    """A hand-written launcher (as ubridge_path users write one) and an installed one, both
+    without --captures-dir; the installed one is written from a directory outside projects."""
+    hand = tmp_path / "by-hand"
+    hand.write_text(f'#!/bin/sh\nexec {" ".join(map(shlex.quote, TUNNELSCOPE))} hypervisor "$@"\n')
+    hand.chmod(0o755)
+    installed = tmp_path / "installed"
+    subprocess.run(
+        [*TUNNELSCOPE, "hypervisor", "--install-launcher", str(installed)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert "--captures-dir" not in installed.read_text()
+    return {"by-hand": hand, "installed": installed}
+
+
+@pytest.mark.parametrize("kind", ["by-hand", "installed"])
+def test_captures_default_to_the_gns3_project_of_the_node(tmp_path: Path, kind: str) -> None:
+    launcher = _launchers(tmp_path)[kind]
+    project = tmp_path / "projects" / "p1"
+    node = project / "project-files" / "vpcs" / "5f1c0c3e-node"
+    other = tmp_path / "projects" / "p2" / "project-files" / "captures"
+    for directory in (node, project / "project-files" / "captures", other):
+        directory.mkdir(parents=True)
+    port = peers.free_tcp_port()
+    process = subprocess.Popen(
+        [str(launcher), "-H", f"127.0.0.1:{port}"], cwd=node, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert "port" in process.stdout.readline()
+        assert process.stdout.readline().strip() == f"Capture files go inside {project}"
+        with ControlClient(f"127.0.0.1:{port}") as client:
+            client.request("bridge", "create", "br0")
+            inside = project / "project-files" / "captures" / "PC1_Ethernet0_PC2.pcap"
+            assert client.request("bridge", "start_capture", "br0", str(inside))
+            client.request("bridge", "stop_capture", "br0")
+            escape = node / ".." / ".." / ".." / ".." / "x.pcap"  # PROJECT/../x.pcap
+            for outside in (other / "x.pcap", tmp_path / "x.pcap", escape):
+                with pytest.raises(ControlError) as caught:
+                    client.request("bridge", "start_capture", "br0", str(outside))
+                assert caught.value.code == Code.FILE
+                assert f"outside the captures directory {project}" in caught.value.text
+            client.request("hypervisor", "stop")
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
+def test_captures_default_to_the_working_directory_outside_gns3(tmp_path: Path) -> None:
+    assert gns3_captures_dir(str(tmp_path)) == str(tmp_path.resolve())
+    node = tmp_path / "p" / "project-files" / "qemu" / "n1"
+    node.mkdir(parents=True)
+    assert gns3_captures_dir(str(node)) == str((tmp_path / "p").resolve())
+    assert gns3_captures_dir(str(node.parent.parent)) == str((tmp_path / "p").resolve())

@@ -163,6 +163,17 @@ def exposure_warning(bound: tuple[str, int]) -> str | None:
     return f"control on {bound[0]} port {bound[1]} is reachable from the network, unauthenticated"
 
 
+def gns3_captures_dir(cwd: str) -> str:
+    """Where a hypervisor started in `cwd` keeps its captures when not told: the GNS3
+    project the node lives in (GNS3 starts ubridge in PROJECT/project-files/TYPE/NODE and
+    asks for PROJECT/project-files/captures/FILE), else `cwd` itself."""
+    path = os.path.realpath(cwd)
+    head, tail = path, ""
+    while tail != "project-files" and head != os.path.dirname(head):
+        head, tail = os.path.split(head)
+    return head if tail == "project-files" else path
+
+
 def control_address(text: str | None) -> str:
     """The control address to use: given, else $TUNNELSCOPE_CONTROL, else ubridge's default."""
     return text or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL
