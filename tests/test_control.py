@@ -227,6 +227,74 @@ def test_set_packet_filter_impairs_one_direction(service: Service) -> None:
         assert "Filter 'f' configured in position 1" in shown
 
 
+def test_bpf_filters_drop_what_matches_both_ways_counted_as_bpf(service: Service) -> None:
+    with service.client() as client:
+        a, b = bridge_between(client)
+        # GNS3's bpf filter: one quoted tcpdump expression; matching frames are dropped
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "bpf", "ether[14] == 3")
+        client.request("bridge", "add_packet_filter", "br0", "filter1", "bpf", "ether[14] > 7")
+        a.send([1, 2, 3, 4])
+        assert b.numbers(3) == [1, 2, 4]
+        b.send([3, 5, 8, 9, 6])
+        assert a.numbers(2) == [5, 6]
+        [link] = client.links()
+        assert link["stats"]["a2b"]["dropped"] == {"bpf": 1}
+        assert link["stats"]["b2a"]["dropped"] == {"bpf": 3}
+        assert [f["impairment"] for f in link["filters"]] == [
+            "bpf ether[14] == 3",
+            "bpf ether[14] > 7",
+        ]
+        client.request("bridge", "reset_packet_filters", "br0")
+        a.send([3])
+        assert b.numbers(1) == [3]
+
+
+def hdlc_icmp(number: int) -> bytes:
+    """A Cisco HDLC frame holding an ICMP echo request (as a serial interface sends it)."""
+    ip = bytes.fromhex("4500001c0000000040010000") + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    return b"\x0f\x00\x08\x00" + ip + bytes([8, 0, 0, 0, 0, 1, 0, number])
+
+
+def hdlc_slarp(number: int) -> bytes:
+    """A Cisco HDLC SLARP keepalive (ethertype 0x8035)."""
+    return b"\x8f\x00\x80\x35" + bytes(11) + bytes([2, 0, 0, 0, number, 0, 0, 0, 0, 0xFF, 0xFF])
+
+
+def received(peer: Peer, expected: int, timeout: float = 1.0) -> list[bytes]:
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(got) < expected + 1:
+        with contextlib.suppress(TimeoutError, socket.timeout):
+            got.append(peer.sock.recv(2048))
+    return got
+
+
+@pytest.mark.parametrize("told", ["filter", "capture", "detected"])
+def test_bpf_filters_are_compiled_for_a_serial_links_own_type(service: Service, told: str) -> None:
+    """ubridge compiles `icmp` for Ethernet, which never matches a C-HDLC frame; tunnelscope
+    compiles it for the link's type: given to the filter, to start_capture, or detected."""
+    with service.client() as client:
+        a, b = bridge_between(client)
+        extra = ["C_HDLC"] if told == "filter" else []
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "bpf", "icmp", *extra)
+        path = str(service.captures / "serial.pcap")
+        if told == "capture":
+            client.request("bridge", "start_capture", "br0", path, "DLT_C_HDLC")
+        elif told == "detected":
+            client.request("bridge", "start_capture_ext", "br0", path, "auto")
+            for number in range(40):  # enough keepalives to decide the link type
+                a.sock.send(hdlc_slarp(number))
+                time.sleep(0.002)
+            assert len(received(b, 40)) == 40
+            assert peers.wait_until(lambda: client.links()[0]["encapsulation"] == "hdlc", 5, 0.1)
+        for number in range(3):
+            a.sock.send(hdlc_slarp(number))
+            a.sock.send(hdlc_icmp(number))
+            time.sleep(0.002)
+        assert received(b, 3) == [hdlc_slarp(number) for number in range(3)]
+        assert client.links()[0]["stats"]["a2b"]["dropped"] == {"bpf": 3}
+
+
 def test_links_report_per_second_rates(service: Service) -> None:
     with service.client() as client:
         a, _ = bridge_between(client)
@@ -303,7 +371,14 @@ ERRORS = [
         Code.CREATE,
         "out of range",
     ),
-    (["bridge", "add_packet_filter", "br0", "f", "bpf", "icmp"], Code.CREATE, "not supported"),
+    (
+        ["bridge", "add_packet_filter", "br0", "filter0", "bpf", "icmp =="],
+        Code.CREATE,
+        "Failed to add filter 'filter0': Cannot compile filter 'icmp ==': ",
+    ),
+    (["bridge", "add_packet_filter", "br0", "f", "bpf"], Code.CREATE, 'bpf "EXPRESSION"'),
+    (["bridge", "add_packet_filter", "br0", "f"], Code.CREATE, "no type given"),
+    (["bridge", "add_packet_filter", "br0", "f", "bpf", "ip", "DOCSIS"], Code.INV_PARAM, "DOCSIS"),
     (
         ["bridge", "add_packet_filter", "br0", "f", "teleport", "1"],
         Code.CREATE,

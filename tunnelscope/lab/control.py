@@ -28,6 +28,7 @@ from enum import IntEnum
 from typing import Any
 
 from tunnelscope import __version__
+from tunnelscope.datapath import bpf
 from tunnelscope.datapath.engine import CAPTURE_POINTS, Engine, Link
 from tunnelscope.datapath.impairments import Impairment, ImpairmentError, parse_impairment
 from tunnelscope.formats.capture import CaptureError, Format
@@ -290,7 +291,7 @@ class Switchboard:
                 "add_nio_linux_raw": (2, 2, self._add_nio_ethernet),
                 "start_capture": (2, 3, self._start_capture),
                 "stop_capture": (1, 1, self._stop_capture),
-                "add_packet_filter": (3, 10, self._add_packet_filter),
+                "add_packet_filter": (2, 10, self._add_packet_filter),
                 "delete_packet_filter": (2, 2, self._delete_packet_filter),
                 "reset_packet_filters": (1, 1, self._reset_packet_filters),
                 "set_pcap_filter": (1, 2, self._set_pcap_filter),
@@ -561,6 +562,8 @@ class Switchboard:
         bridge = self._bridge(name)
         chosen = _linktype(linktype) if linktype else bridge.encapsulation or LinkType.ETHERNET
         self._capture(bridge, path, chosen, "post", False)
+        if linktype and bridge.encapsulation is None:  # GNS3 names a serial link's type here
+            self._learn_encapsulation(bridge, chosen)
         return f"packet capture started on bridge '{name}'"
 
     def _start_capture_ext(
@@ -617,12 +620,14 @@ class Switchboard:
         note = _capture_note(bridge.name, state.path, state.writer.sink.frames)
         return f"{note}; {state.error}" if state.error else note
 
-    def _add_packet_filter(self, name: str, filter_name: str, kind: str, *args: str) -> str:
+    def _add_packet_filter(self, name: str, filter_name: str, kind: str = "", *args: str) -> str:
         """ubridge's filters act on both directions; frequency_drop counts both together."""
         bridge = self._bridge(name)
+        if not kind:
+            raise ControlError(Code.CREATE, f"Failed to add filter '{filter_name}': no type given")
         if any(f.name == filter_name for f in bridge.filters):
             raise ControlError(Code.CREATE, f"Failed to add filter '{filter_name}': it exists")
-        impairment = _impairment(filter_name, "both", kind, args)
+        impairment = self._new_filter(bridge, filter_name, "both", kind, args)
         bridge.filters.append(Filter(filter_name, impairment))
         self._apply_filters(bridge)
         return f"Filter '{filter_name}' type '{kind}' added to bridge '{name}'"
@@ -632,7 +637,7 @@ class Switchboard:
     ) -> str:
         """Add, or replace in place, a filter acting on one direction (a2b, b2a) or both."""
         bridge = self._bridge(name)
-        impairment = _impairment(filter_name, direction, kind, args)
+        impairment = self._new_filter(bridge, filter_name, direction, kind, args)
         self._put_filter(bridge, Filter(filter_name, impairment))
         return f"Filter '{filter_name}' set on bridge '{name}': {impairment}"
 
@@ -666,10 +671,49 @@ class Switchboard:
             raise ControlError(Code.CREATE, "capture filters on Ethernet NIOs are not supported")
         return f"filter reset on bridge '{name}'"
 
+    def _new_filter(
+        self, bridge: Bridge, filter_name: str, direction: str, kind: str, args: tuple[str, ...]
+    ) -> Impairment:
+        """A filter's impairment, checked; `bpf "EXPR" [LINKTYPE]` is compiled for the link's
+        encapsulation (LINKTYPE, as ubridge takes it, tells it when unknown)."""
+        if kind != "bpf":
+            return _impairment(filter_name, direction, kind, args)
+        failed = f"Failed to add filter '{filter_name}'"
+        if len(args) not in (1, 2):
+            raise ControlError(Code.CREATE, f'{failed}: expected bpf "EXPRESSION" [LINKTYPE]')
+        if len(args) == 2:
+            told = _linktype(args[1])
+            known = (bridge.link.linktype if bridge.link else None) or bridge.encapsulation
+            if known not in (None, told):
+                raise ControlError(Code.CREATE, f"{failed}: the link carries {known.short_name}")
+            self._learn_encapsulation(bridge, told)
+        impairment = _impairment(filter_name, direction, kind, args[:1])
+        assert impairment.expression is not None
+        try:
+            bpf.compile_filter(impairment.expression, int(self._filter_linktype(bridge)))
+        except bpf.FilterError as exc:  # GNS3 warns and goes on at "Cannot compile filter"
+            text = f"Cannot compile filter '{impairment.expression}': {exc.reason}"
+            raise ControlError(Code.CREATE, f"{failed}: {text}") from None
+        return impairment
+
+    def _learn_encapsulation(self, bridge: Bridge, linktype: LinkType) -> None:
+        """What the link carries, once a client says it: its bpf filters are compiled for it."""
+        if bridge.encapsulation is None:
+            bridge.encapsulation = linktype
+            self._apply_filters(bridge)
+
+    @staticmethod
+    def _filter_linktype(bridge: Bridge) -> LinkType:
+        """What filter expressions are compiled for: the link's type when known or detected,
+        else Ethernet, as ubridge always does (recompiled once a capture detects it)."""
+        known = bridge.link.linktype if bridge.link else None
+        return known or bridge.encapsulation or LinkType.ETHERNET
+
     def _apply_filters(self, bridge: Bridge) -> None:
         """The link's impairments are the filters in order; every counter restarts at 0."""
         if bridge.link is not None:
-            bridge.link.set_impairments([f.impairment for f in bridge.filters])
+            assumed = bridge.encapsulation or LinkType.ETHERNET
+            bridge.link.set_impairments([f.impairment for f in bridge.filters], assume=assumed)
 
     # -- lab: named ends and Dynagen's verbs ----------------------------------------------
 
@@ -774,7 +818,9 @@ class Switchboard:
         word, rest = args[0], args[1:]
         sends, receives = ("a2b", "b2a") if side == 0 else ("b2a", "a2b")
         direction = {"out": sends, "in": receives, "both": "both"}[word]
-        impairment = _impairment(kind, direction, kind, rest)
+        if kind == "bpf":  # the console splits the expression into words
+            rest = (" ".join(rest),) if rest else ()
+        impairment = self._new_filter(bridge, kind, direction, kind, rest)
         assert bridge.ends is not None
         end = bridge.ends[side]
         name = f"{end.device}:{end.interface}:{word}:{impairment.name}"
@@ -810,10 +856,6 @@ def _format(path: str, fmt: str) -> bool:
 
 
 def _impairment(filter_name: str, direction: str, kind: str, args: tuple[str, ...]) -> Impairment:
-    if kind == "bpf":
-        raise ControlError(
-            Code.CREATE, f"Failed to add filter '{filter_name}': bpf filters are not supported"
-        )
     if direction not in ("a2b", "b2a", "both"):
         raise ControlError(Code.INV_PARAM, f"direction must be a2b, b2a or both, not {direction!r}")
     try:
