@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 import shlex
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from tunnelscope.lab.control import (
     tokenize,
 )
 from tunnelscope.lab.labfile import load_lab
+from tunnelscope.nio import open_endpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -356,7 +358,7 @@ ERRORS = [
     (["bridge", "create", "br0"], Code.CREATE, "bridge 'br0' already exist"),
     (["bridge", "start", "br0"], Code.START, "must have 2 NIOs"),
     (["bridge", "stop", "br0"], Code.STOP, "is not running"),
-    (["bridge", "add_nio_udp", "br0", "abc", "127.0.0.1", "2"], Code.INV_PARAM, "not a number"),
+    (["bridge", "add_nio_udp", "br0", "abc", "127.0.0.1", "2"], Code.CREATE, "not a number"),
     (["bridge", "start_capture", "br0", "../../etc/cron.d/x"], Code.FILE, "outside"),
     (["bridge", "start_capture", "br0", "/etc/passwd"], Code.FILE, "outside"),
     (["bridge", "start_capture", "br0", "x.pcap", "DOCSIS"], Code.INV_PARAM, "unknown link type"),
@@ -391,6 +393,13 @@ ERRORS = [
     ),
     (["bridge", "delete_packet_filter", "br0", "nope"], Code.CREATE, "Failed to delete filter"),
     (["bridge", "rename", "br0", "br0"], Code.RENAME, "already exist"),
+    (["bridge", "add_nio_tap", "br0", "tap0", "on"], Code.BAD_PARAM, "min/max=2/2"),
+    (["bridge", "add_nio_tap", "nope", "tap0"], Code.NOT_FOUND, "bridge 'nope' doesn't exist"),
+    (["bridge", "add_nio_linux_raw", "br0", "a/b"], Code.CREATE, "unable to create NIO Linux raw"),
+    (["bridge", "add_nio_ethernet", "br0", "x" * 16], Code.CREATE, "unable to create NIO Ethernet"),
+    (["bridge", "add_nio_ethernet", "br0", "eth0@ns"], Code.INV_PARAM, "invalid interface name"),
+    (["bridge", "set_pcap_filter", "br0", "not arp"], Code.CREATE, "at least one Ethernet NIO"),
+    (["bridge", "set_pcap_filter", "nope"], Code.NOT_FOUND, "bridge 'nope' doesn't exist"),
     (["lab", "find", "R1", "f0/0"], Code.UNK_OBJ, "no lab is served here"),
     (["hypervisor", "cmd_list", "nosuch"], Code.UNK_MODULE, "unknown module"),
 ]
@@ -706,3 +715,64 @@ def test_captures_default_to_the_working_directory_outside_gns3(tmp_path: Path) 
     node.mkdir(parents=True)
     assert gns3_captures_dir(str(node)) == str((tmp_path / "p").resolve())
     assert gns3_captures_dir(str(node.parent.parent)) == str((tmp_path / "p").resolve())
+
+
+@contextlib.contextmanager
+def veth_pair() -> Iterator[tuple[str, str]]:
+    """A veth pair in the host's namespace, both ends up, no addresses; deleted at exit."""
+    suffix = secrets.token_hex(3)
+    ends = (f"tsa{suffix}", f"tsb{suffix}")
+    peers.run("ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
+    try:
+        for end in ends:
+            peers.run("ip", "link", "set", end, "up")
+        yield ends
+    finally:
+        peers.run("ip", "link", "delete", ends[0], check=False)
+
+
+@peers.needs_root
+@pytest.mark.parametrize("kind", ["add_nio_ethernet", "add_nio_linux_raw"])
+def test_ethernet_nios_and_set_pcap_filter_as_ubridge(service: Service, kind: str) -> None:
+    """An interface NIO bridges a veth to a tunnel; set_pcap_filter (ethernet NIOs only, as in
+    ubridge) keeps what the interface hands over to the frames its expression matches."""
+    with veth_pair() as (ours, wire), service.client() as client:
+        peer = Peer()
+        port = peers.free_udp_port()
+        peer.connect(port)
+        client.request("bridge", "create", "br0")
+        assert client.request("bridge", kind, "br0", ours) == [
+            f"NIO {'Ethernet' if kind == 'add_nio_ethernet' else 'Linux raw'} added to bridge 'br0'"
+        ]
+        client.request("bridge", "add_nio_udp", "br0", str(port), "127.0.0.1", str(peer.port))
+        client.request("bridge", "start", "br0")
+        with open_endpoint(f"eth:{wire}") as sender:
+
+            def deliver(numbers: list[int]) -> list[int]:
+                frames = [
+                    b"\x02" * 6 + b"\x02\x00\x00\x00\x00\x09\x88\xb5" + bytes([n]) * 50
+                    for n in numbers
+                ]
+                assert sender.send_batch(frames) == (len(frames), 0)
+                return [n for n in peer.numbers(len(numbers)) if n in numbers]
+
+            assert deliver([1, 2]) == [1, 2]
+            if kind == "add_nio_linux_raw":
+                with pytest.raises(ControlError) as caught:
+                    client.request("bridge", "set_pcap_filter", "br0", "ether[14] != 3")
+                assert caught.value.code == Code.CREATE
+                return
+            reply = client.request("bridge", "set_pcap_filter", "br0", "ether[14] != 3")
+            assert reply == ["filter 'ether[14] != 3' applied on bridge 'br0'"]
+            assert deliver([3, 4, 3, 5]) == [4, 5]
+            with pytest.raises(ControlError) as caught:
+                client.request("bridge", "set_pcap_filter", "br0", "ether[")
+            assert caught.value.code == Code.CREATE
+            assert "unable to apply filter on bridge br0 (source NIO)" in caught.value.text
+            client.request("bridge", "stop", "br0")  # the filter stays with the bridge
+            client.request("bridge", "start", "br0")
+            assert deliver([3, 6]) == [6]
+            assert client.request("bridge", "set_pcap_filter", "br0") == [
+                "filter reset on bridge 'br0'"
+            ]
+            assert deliver([3]) == [3]

@@ -209,7 +209,9 @@ class Bridge:
 
     name: str
     nios: list[str] = field(default_factory=list)
+    nio_kinds: list[str] = field(default_factory=list)  # ubridge's: "UDP", "Ethernet"...
     filters: list[Filter] = field(default_factory=list)
+    pcap_filter: tuple[int, str, bpf.Program] | None = None  # NIO, expression, program
     link: Link | None = None
     ends: tuple[End, End] | None = None
     encapsulation: LinkType | None = None
@@ -286,9 +288,9 @@ class Switchboard:
                 "delete_nio_udp": (4, 4, self._delete_nio_udp),
                 "remove_nio_udp": (4, 4, self._delete_nio_udp),
                 "add_nio_unix": (3, 3, self._add_nio_unix),
-                "add_nio_tap": (2, 3, self._add_nio_tap),
+                "add_nio_tap": (2, 2, self._add_nio_tap),
                 "add_nio_ethernet": (2, 2, self._add_nio_ethernet),
-                "add_nio_linux_raw": (2, 2, self._add_nio_ethernet),
+                "add_nio_linux_raw": (2, 2, self._add_nio_linux_raw),
                 "start_capture": (2, 3, self._start_capture),
                 "stop_capture": (1, 1, self._stop_capture),
                 "add_packet_filter": (2, 10, self._add_packet_filter),
@@ -399,6 +401,9 @@ class Switchboard:
         bridge.link = link
         bridge.baseline, bridge.sample, bridge.rates = {}, None, {}
         self._apply_filters(bridge)
+        if bridge.pcap_filter:
+            index, _, program = bridge.pcap_filter
+            link.ends[index].set_filter(program)  # type: ignore[attr-defined]
 
     def _halt(self, bridge: Bridge) -> list[str]:
         """Stop the link (and its capture); its configuration stays."""
@@ -526,8 +531,11 @@ class Switchboard:
         try:
             parse_endpoint(spec)
         except ValueError as exc:
-            raise ControlError(Code.INV_PARAM, f"unable to create NIO {kind}: {exc}") from None
+            raise ControlError(
+                Code.CREATE, f"unable to create NIO {kind} for bridge '{name}': {exc}"
+            ) from None
         bridge.nios.append(spec)
+        bridge.nio_kinds.append(kind)
         return f"NIO {kind} added to bridge '{name}'"
 
     def _add_nio_udp(self, name: str, lport: str, rhost: str, rport: str) -> str:
@@ -542,19 +550,25 @@ class Switchboard:
         spec = f"udp:{lport}:{host}:{rport}"
         if spec not in bridge.nios:
             raise ControlError(Code.NOT_FOUND, f"UDP nio missing in '{name}'")
-        bridge.nios.remove(spec)
+        index = bridge.nios.index(spec)
+        del bridge.nios[index], bridge.nio_kinds[index]
+        if bridge.pcap_filter and bridge.pcap_filter[0] > index:  # the Ethernet NIO moved up
+            bridge.pcap_filter = (index, *bridge.pcap_filter[1:])
         return f"NIO UDP removed from bridge '{name}'"
 
     def _add_nio_unix(self, name: str, local: str, remote: str) -> str:
         return self._add_nio(name, f"unix:{local}:{remote}", "UNIX")
 
-    def _add_nio_tap(self, name: str, tap: str, carrier: str = "on") -> str:
-        if carrier != "on":
-            raise ControlError(Code.INV_PARAM, f"invalid TAP carrier state '{carrier}'")
-        return self._add_nio(name, f"tap:{tap}", "TAP")
+    def _add_nio_tap(self, name: str, tap: str) -> str:
+        return self._add_nio(name, f"tap:{_interface(tap)}", "TAP")
 
     def _add_nio_ethernet(self, name: str, interface: str) -> str:
-        return self._add_nio(name, f"eth:{interface}", "Ethernet")
+        """ubridge's pcap NIO; set_pcap_filter applies to it."""
+        return self._add_nio(name, f"eth:{_interface(interface)}", "Ethernet")
+
+    def _add_nio_linux_raw(self, name: str, interface: str) -> str:
+        """ubridge's AF_PACKET NIO (what GNS3 uses on Linux): the same endpoint here."""
+        return self._add_nio(name, f"eth:{_interface(interface)}", "Linux raw")
 
     def _start_capture(self, name: str, path: str, linktype: str | None = None) -> str:
         """ubridge's capture: after the filters (dropped frames never reach the file),
@@ -666,9 +680,29 @@ class Switchboard:
         return "OK"
 
     def _set_pcap_filter(self, name: str, expression: str = "") -> str:
-        self._bridge(name)
+        """ubridge's capture filter on the bridge's (first) Ethernet NIO: what the interface
+        hands over must match EXPR (the kernel filters it, as libpcap does); none: reset."""
+        bridge = self._bridge(name)
+        if "Ethernet" not in bridge.nio_kinds:
+            raise ControlError(
+                Code.CREATE,
+                f"bridge {name} must have at least one Ethernet NIO in order to apply a filter",
+            )
+        index = bridge.nio_kinds.index("Ethernet")
+        program = None
         if expression:
-            raise ControlError(Code.CREATE, "capture filters on Ethernet NIOs are not supported")
+            try:
+                program = bpf.compile_filter(expression, int(LinkType.ETHERNET))
+            except bpf.FilterError as exc:
+                nio = ("source", "destination")[index]
+                raise ControlError(
+                    Code.CREATE, f"unable to apply filter on bridge {name} ({nio} NIO): {exc}"
+                ) from None
+        bridge.pcap_filter = (index, expression, program) if program else None
+        if bridge.link is not None:
+            bridge.link.ends[index].set_filter(program)  # type: ignore[attr-defined]
+        if expression:
+            return f"filter '{expression}' applied on bridge '{name}'"
         return f"filter reset on bridge '{name}'"
 
     def _new_filter(
@@ -826,6 +860,14 @@ class Switchboard:
         name = f"{end.device}:{end.interface}:{word}:{impairment.name}"
         self._put_filter(bridge, Filter(name, impairment))
         return f"filter {name} set: {impairment}"
+
+
+def _interface(name: str) -> str:
+    """An interface name as a client gives it: IFNAME, never IFNAME@NETNS (no namespaces
+    reached from the control port)."""
+    if "@" in name:
+        raise ControlError(Code.INV_PARAM, f"invalid interface name '{name}'")
+    return name
 
 
 def _what(f: Filter) -> str:
