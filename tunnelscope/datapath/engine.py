@@ -525,13 +525,16 @@ class Engine:
             except Exception as exc:  # handed to the caller's thread
                 future.set_exception(exc)
 
-    def add_link(self, name: str, a_spec: str, b_spec: str, seed: int | None = None) -> Link:
-        """Open both endpoints (EndpointError on failure, nothing left open) and bridge them."""
+    def add_link(
+        self, name: str, a_spec: str | Endpoint, b_spec: str | Endpoint, seed: int | None = None
+    ) -> Link:
+        """Open both endpoints (EndpointError on failure, nothing left open) and bridge them;
+        an Endpoint given open is the link's from then on (it closes it)."""
         if name in self.links:
             raise ValueError(f"a link named {name!r} exists already")
-        a = open_endpoint(a_spec)
+        a = a_spec if isinstance(a_spec, Endpoint) else open_endpoint(a_spec)
         try:
-            b = open_endpoint(b_spec)
+            b = b_spec if isinstance(b_spec, Endpoint) else open_endpoint(b_spec)
         except Exception:
             a.close()
             raise

@@ -34,7 +34,8 @@ from tunnelscope.datapath.impairments import Impairment, ImpairmentError, parse_
 from tunnelscope.formats.capture import CaptureError, Format
 from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
 from tunnelscope.lab.labfile import End, Lab, LabError, resolve_capture_path
-from tunnelscope.nio import EndpointError, parse_endpoint
+from tunnelscope.nio import Endpoint, EndpointError, netdev, parse_endpoint
+from tunnelscope.nio.tap import TapEndpoint
 
 UBRIDGE_VERSION = "0.9.18"  # the ubridge whose protocol we speak; GNS3 wants >= 0.9.14
 DEFAULT_PORT = 4242  # ubridge's
@@ -212,6 +213,7 @@ class Bridge:
     nio_kinds: list[str] = field(default_factory=list)  # ubridge's: "UDP", "Ethernet"...
     filters: list[Filter] = field(default_factory=list)
     pcap_filter: tuple[int, str, bpf.Program] | None = None  # NIO, expression, program
+    held: dict[str, TapEndpoint] = field(default_factory=dict)  # TAPs open from add_nio_tap
     link: Link | None = None
     ends: tuple[End, End] | None = None
     encapsulation: LinkType | None = None
@@ -301,6 +303,13 @@ class Switchboard:
                 "set_packet_filter": (4, 12, self._set_packet_filter),
                 "start_capture_ext": (3, 5, self._start_capture_ext),
             },
+            "docker": {
+                "create_veth": (2, 2, self._create_veth),
+                "delete_veth": (1, 1, self._delete_veth),
+                "move_to_ns": (3, 3, self._move_to_ns),
+                "set_mac_addr": (2, 2, self._set_mac_addr),
+            },
+            "brctl": {"addif": (2, 2, self._addif)},
             "lab": {
                 "show": (0, 0, self._lab_show),
                 "devices": (0, 0, self._lab_devices),
@@ -393,17 +402,39 @@ class Switchboard:
         notes = []
         for bridge in list(self.bridges.values()):
             notes += self._halt(bridge)
-        self.bridges.clear()
+            self._forget(bridge)
         return notes
 
     def _run_bridge(self, bridge: Bridge) -> None:
-        link = self.engine.add_link(bridge.name, bridge.nios[0], bridge.nios[1], bridge.seed)
+        a, b = (self._endpoint(bridge, spec) for spec in bridge.nios)
+        try:
+            link = self.engine.add_link(bridge.name, a, b, bridge.seed)
+        except Exception:
+            for end in (a, b):  # a copied TAP fd the link did not take
+                if isinstance(end, Endpoint) and end.fileno() >= 0:
+                    end.close()
+            raise
         bridge.link = link
         bridge.baseline, bridge.sample, bridge.rates = {}, None, {}
         self._apply_filters(bridge)
         if bridge.pcap_filter:
             index, _, program = bridge.pcap_filter
             link.ends[index].set_filter(program)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _endpoint(bridge: Bridge, spec: str) -> str | Endpoint:
+        """A held TAP goes to the link as a copy of its fd: stopping the link closes the
+        copy, and the TAP (maybe moved into a container by then) lives on, as in ubridge."""
+        tap = bridge.held.get(spec)
+        return spec if tap is None else TapEndpoint(spec, os.dup(tap.fileno()))
+
+    def _forget(self, bridge: Bridge) -> None:
+        """A bridge goes: stop it and close the TAPs it holds."""
+        self._halt(bridge)
+        for tap in bridge.held.values():
+            tap.close()
+        bridge.held.clear()
+        del self.bridges[bridge.name]
 
     def _halt(self, bridge: Bridge) -> list[str]:
         """Stop the link (and its capture); its configuration stays."""
@@ -423,8 +454,7 @@ class Switchboard:
         """Delete every bridge a client created; a served lab's links stay."""
         for bridge in list(self.bridges.values()):
             if bridge.ends is None:
-                self._halt(bridge)
-                del self.bridges[bridge.name]
+                self._forget(bridge)
         return "OK"
 
     # -- bridge ---------------------------------------------------------------------------
@@ -449,8 +479,7 @@ class Switchboard:
 
     def _delete(self, name: str) -> str:
         bridge = self._client_bridge(name, Code.DELETE, "deleted")
-        self._halt(bridge)
-        del self.bridges[name]
+        self._forget(bridge)
         return f"bridge '{name}' deleted"
 
     def _start(self, name: str) -> Reply:
@@ -560,15 +589,33 @@ class Switchboard:
         return self._add_nio(name, f"unix:{local}:{remote}", "UNIX")
 
     def _add_nio_tap(self, name: str, tap: str) -> str:
-        return self._add_nio(name, f"tap:{_interface(tap)}", "TAP")
+        """The TAP is created (or attached) now, as ubridge does: GNS3 moves it into a Docker
+        container's namespace (`docker move_to_ns`) before it starts the bridge."""
+        spec = f"tap:{_interface(name, 'TAP', tap)}"
+        bridge = self._bridge(name)
+        if spec in bridge.nios:
+            raise ControlError(Code.CREATE, f"bridge '{name}' has this TAP already")
+        reply = self._add_nio(name, spec, "TAP")
+        try:
+            endpoint = parse_endpoint(spec).open()
+        except EndpointError as exc:
+            bridge.nios.pop(), bridge.nio_kinds.pop()
+            raise ControlError(
+                Code.CREATE, f"unable to create NIO TAP for bridge '{name}': {exc}"
+            ) from None
+        assert isinstance(endpoint, TapEndpoint)
+        bridge.held[spec] = endpoint
+        return reply
 
     def _add_nio_ethernet(self, name: str, interface: str) -> str:
         """ubridge's pcap NIO; set_pcap_filter applies to it."""
-        return self._add_nio(name, f"eth:{_interface(interface)}", "Ethernet")
+        spec = f"eth:{_interface(name, 'Ethernet', interface)}"
+        return self._add_nio(name, spec, "Ethernet")
 
     def _add_nio_linux_raw(self, name: str, interface: str) -> str:
         """ubridge's AF_PACKET NIO (what GNS3 uses on Linux): the same endpoint here."""
-        return self._add_nio(name, f"eth:{_interface(interface)}", "Linux raw")
+        spec = f"eth:{_interface(name, 'Linux raw', interface)}"
+        return self._add_nio(name, spec, "Linux raw")
 
     def _start_capture(self, name: str, path: str, linktype: str | None = None) -> str:
         """ubridge's capture: after the filters (dropped frames never reach the file),
@@ -749,6 +796,44 @@ class Switchboard:
             assumed = bridge.encapsulation or LinkType.ETHERNET
             bridge.link.set_impairments([f.impairment for f in bridge.filters], assume=assumed)
 
+    # -- docker, brctl: host devices (tunnelscope/nio/netdev.py) ------------------------
+
+    def _create_veth(self, name: str, peer: str) -> Reply:
+        try:
+            checksum_off = netdev.create_veth(name, peer)
+        except netdev.NetdevError as exc:
+            raise ControlError(Code.CREATE, f"could not create veth pair: {exc}") from None
+        info = [] if checksum_off else ["Warning: could not turn off checksum"]
+        return Reply(f"veth pair created: {name} and {peer}", info)
+
+    def _delete_veth(self, name: str) -> str:
+        try:
+            netdev.delete_link(name)
+        except netdev.NetdevError as exc:
+            raise ControlError(Code.DELETE, str(exc)) from None
+        return f"veth interface {name} has been deleted"
+
+    def _move_to_ns(self, name: str, pid: str, new_name: str) -> str:
+        try:
+            netdev.move_to_netns(name, pid, new_name)
+        except netdev.NetdevError as exc:
+            raise ControlError(Code.CREATE, str(exc)) from None
+        return f"{name} moved to namespace {pid}"
+
+    def _set_mac_addr(self, name: str, mac: str) -> str:
+        try:
+            netdev.set_mac(name, mac)
+        except netdev.NetdevError as exc:
+            raise ControlError(Code.CREATE, str(exc)) from None
+        return f"MAC address {mac} has been successfully set on interface {name}"
+
+    def _addif(self, bridge: str, name: str) -> str:
+        try:
+            netdev.add_to_bridge(bridge, name)
+        except netdev.NetdevError as exc:
+            raise ControlError(Code.CREATE, str(exc)) from None
+        return f"{name} has been added to bridge {bridge}"
+
     # -- lab: named ends and Dynagen's verbs ----------------------------------------------
 
     def _lab_show(self) -> Reply:
@@ -862,12 +947,15 @@ class Switchboard:
         return f"filter {name} set: {impairment}"
 
 
-def _interface(name: str) -> str:
-    """An interface name as a client gives it: IFNAME, never IFNAME@NETNS (no namespaces
-    reached from the control port)."""
-    if "@" in name:
-        raise ControlError(Code.INV_PARAM, f"invalid interface name '{name}'")
-    return name
+def _interface(bridge: str, kind: str, name: str) -> str:
+    """An interface name as the kernel takes it; never IFNAME@NETNS (the control port
+    reaches no namespace by name)."""
+    try:
+        return netdev.check_name(name)
+    except netdev.NetdevError as exc:
+        raise ControlError(
+            Code.CREATE, f"unable to create NIO {kind} for bridge '{bridge}': {exc}"
+        ) from None
 
 
 def _what(f: Filter) -> str:
