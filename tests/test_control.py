@@ -40,12 +40,18 @@ pytestmark = pytest.mark.timeout(120)
 class Service:
     """A Switchboard served on 127.0.0.1:<any port> by a thread; closed by `stop`."""
 
-    def __init__(self, captures: Path, backend: str = "auto", lab_file: str | None = None) -> None:
+    def __init__(
+        self,
+        captures: Path,
+        backend: str = "auto",
+        lab_file: str | None = None,
+        netio_dir: str | None = None,
+    ) -> None:
         captures.mkdir(exist_ok=True)
         self.captures = captures
         self.engine = Engine(backend)
         lab = load_lab(lab_file, str(captures)) if lab_file else None
-        self.switchboard = Switchboard(self.engine, str(captures), lab, seed=1)
+        self.switchboard = Switchboard(self.engine, str(captures), lab, 1, netio_dir)
         if lab:
             self.switchboard.start_lab()
         self.address = ""

@@ -35,6 +35,8 @@ from tunnelscope.formats.capture import CaptureError, Format
 from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
 from tunnelscope.lab.labfile import End, Lab, LabError, resolve_capture_path
 from tunnelscope.nio import Endpoint, EndpointError, netdev, parse_endpoint
+from tunnelscope.nio.netio import default_directory as default_netio_dir
+from tunnelscope.nio.spec import SocketEndpoint
 from tunnelscope.nio.tap import TapEndpoint
 
 UBRIDGE_VERSION = "0.9.18"  # the ubridge whose protocol we speak; GNS3 wants >= 0.9.14
@@ -213,7 +215,7 @@ class Bridge:
     nio_kinds: list[str] = field(default_factory=list)  # ubridge's: "UDP", "Ethernet"...
     filters: list[Filter] = field(default_factory=list)
     pcap_filter: tuple[int, str, bpf.Program] | None = None  # NIO, expression, program
-    held: dict[str, TapEndpoint] = field(default_factory=dict)  # TAPs open from add_nio_tap
+    held: dict[str, Endpoint] = field(default_factory=dict)  # NIOs open since they were added
     link: Link | None = None
     ends: tuple[End, End] | None = None
     encapsulation: LinkType | None = None
@@ -259,8 +261,16 @@ class Switchboard:
     """ubridge's commands over an Engine, plus tunnelscope's extensions. Engine thread only."""
 
     def __init__(
-        self, engine: Engine, captures: str, lab: Lab | None = None, seed: int | None = None
+        self,
+        engine: Engine,
+        captures: str,
+        lab: Lab | None = None,
+        seed: int | None = None,
+        netio_dir: str | None = None,
     ) -> None:
+        """`netio_dir`: where IOU's NETIO sockets are (default /tmp/netio<UID>)."""
+        from tunnelscope.lab.iol import IolBridges  # it builds on this module's bridges
+
         self.engine = engine
         self.captures = os.path.abspath(captures)
         self.lab = lab
@@ -303,6 +313,7 @@ class Switchboard:
                 "set_packet_filter": (4, 12, self._set_packet_filter),
                 "start_capture_ext": (3, 5, self._start_capture_ext),
             },
+            "iol_bridge": {},
             "docker": {
                 "create_veth": (2, 2, self._create_veth),
                 "delete_veth": (1, 1, self._delete_veth),
@@ -320,6 +331,9 @@ class Switchboard:
                 "filter": (3, 12, self._lab_filter),
             },
         }
+
+        self.iol = IolBridges(self, netio_dir or default_netio_dir())
+        self.commands["iol_bridge"] = self.iol.commands()
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -401,9 +415,9 @@ class Switchboard:
         """Stop every capture and link; what was captured, for the exit summary."""
         notes = []
         for bridge in list(self.bridges.values()):
-            notes += self._halt(bridge)
+            notes += self.halt(bridge)
             self._forget(bridge)
-        return notes
+        return notes + self.iol.close()
 
     def _run_bridge(self, bridge: Bridge) -> None:
         a, b = (self._endpoint(bridge, spec) for spec in bridge.nios)
@@ -423,20 +437,29 @@ class Switchboard:
 
     @staticmethod
     def _endpoint(bridge: Bridge, spec: str) -> str | Endpoint:
-        """A held TAP goes to the link as a copy of its fd: stopping the link closes the
-        copy, and the TAP (maybe moved into a container by then) lives on, as in ubridge."""
-        tap = bridge.held.get(spec)
-        return spec if tap is None else TapEndpoint(spec, os.dup(tap.fileno()))
+        """A held NIO goes to the link as a copy of its fd: stopping the link closes the
+        copy, and the NIO (a TAP maybe moved into a container by then, an IOU port's side of
+        the NETIO hub) lives on, as in ubridge."""
+        held = bridge.held.get(spec)
+        if isinstance(held, TapEndpoint):
+            return TapEndpoint(spec, os.dup(held.fileno()))
+        if isinstance(held, SocketEndpoint):
+            return SocketEndpoint(spec, held.sock.dup())
+        return spec
+
+    def release(self, bridge: Bridge) -> list[str]:
+        """Stop a bridge and close the NIOs it holds (it is going away)."""
+        notes = self.halt(bridge)
+        for endpoint in bridge.held.values():
+            endpoint.close()
+        bridge.held.clear()
+        return notes
 
     def _forget(self, bridge: Bridge) -> None:
-        """A bridge goes: stop it and close the TAPs it holds."""
-        self._halt(bridge)
-        for tap in bridge.held.values():
-            tap.close()
-        bridge.held.clear()
+        self.release(bridge)
         del self.bridges[bridge.name]
 
-    def _halt(self, bridge: Bridge) -> list[str]:
+    def halt(self, bridge: Bridge) -> list[str]:
         """Stop the link (and its capture); its configuration stays."""
         notes = []
         bridge.pending_capture = None
@@ -451,10 +474,11 @@ class Switchboard:
     # -- hypervisor -----------------------------------------------------------------------
 
     def _reset(self) -> str:
-        """Delete every bridge a client created; a served lab's links stay."""
+        """Delete every bridge (and IOL bridge) a client created; a served lab's links stay."""
         for bridge in list(self.bridges.values()):
             if bridge.ends is None:
                 self._forget(bridge)
+        self.iol.close()
         return "OK"
 
     # -- bridge ---------------------------------------------------------------------------
@@ -488,24 +512,29 @@ class Switchboard:
             raise ControlError(Code.START, f"bridge '{name}' is already running")
         if len(bridge.nios) != 2:
             raise ControlError(Code.START, f"bridge '{name}' must have 2 NIOs to be started")
+        return Reply(f"bridge '{name}' started", self.start_bridge(bridge))
+
+    def start_bridge(self, bridge: Bridge) -> list[str]:
+        """Open its NIOs and run it (205 when they cannot be); notes for info lines."""
         try:
             self._run_bridge(bridge)
         except (EndpointError, ValueError) as exc:
-            raise ControlError(Code.BINDING, f"bridge '{name}' could not start: {exc}") from None
-        reply = Reply(f"bridge '{name}' started")
+            raise ControlError(
+                Code.BINDING, f"bridge '{bridge.name}' could not start: {exc}"
+            ) from None
         request, bridge.pending_capture = bridge.pending_capture, None
         if request is not None:
             try:
                 self._open_capture(bridge, request)
             except ControlError as exc:
-                reply.info.append(f"packet capture could not be started: {exc.text}")
-        return reply
+                return [f"packet capture could not be started: {exc.text}"]
+        return []
 
     def _stop(self, name: str) -> str:
         bridge = self._bridge(name)
         if bridge.link is None:
             raise ControlError(Code.STOP, f"bridge '{name}' is not running")
-        self._halt(bridge)
+        self.halt(bridge)
         return f"bridge '{name}' stopped"
 
     def _rename(self, name: str, new: str) -> str:
@@ -545,11 +574,14 @@ class Switchboard:
         return Reply(info=info)
 
     def _reset_stats(self, name: str) -> str:
-        bridge = self._bridge(name)
+        self.reset_stats(self._bridge(name))
+        return "OK"
+
+    @staticmethod
+    def reset_stats(bridge: Bridge) -> None:
         if bridge.link is not None:
             bridge.baseline = bridge.link.stats()
             bridge.sample, bridge.rates = None, {}
-        return "OK"
 
     def _add_nio(self, name: str, spec: str, kind: str) -> str:
         bridge = self._bridge(name)
@@ -621,11 +653,22 @@ class Switchboard:
         """ubridge's capture: after the filters (dropped frames never reach the file),
         classic pcap; no link type means the link's known encapsulation, else Ethernet."""
         bridge = self._bridge(name)
-        chosen = _linktype(linktype) if linktype else bridge.encapsulation or LinkType.ETHERNET
-        self._capture(bridge, path, chosen, "post", False)
-        if linktype and bridge.encapsulation is None:  # GNS3 names a serial link's type here
-            self._learn_encapsulation(bridge, chosen)
+        self.start_capture(bridge, path, linktype, bridge.encapsulation or LinkType.ETHERNET)
         return f"packet capture started on bridge '{name}'"
+
+    def start_capture(
+        self, bridge: Bridge, path: str, linktype: str | None, default: LinkType | None
+    ) -> None:
+        """A capture after the filters, in classic pcap, of `linktype` (ubridge's names) or
+        `default` (None: detected from the first frames)."""
+        chosen = _linktype(linktype) if linktype else default
+        self._capture(bridge, path, chosen, "post", False)
+        if linktype and chosen and bridge.encapsulation is None:  # GNS3 names serial types
+            self._learn_encapsulation(bridge, chosen)
+
+    @staticmethod
+    def capturing(bridge: Bridge) -> bool:
+        return bool((bridge.link and bridge.link.capture) or bridge.pending_capture)
 
     def _start_capture_ext(
         self, name: str, path: str, linktype: str, point: str = "post", fmt: str = ""
@@ -669,9 +712,9 @@ class Switchboard:
 
     def _stop_capture(self, name: str) -> str:
         bridge = self._bridge(name)
-        return self._end_capture(bridge)
+        return self.end_capture(bridge)
 
-    def _end_capture(self, bridge: Bridge) -> str:
+    def end_capture(self, bridge: Bridge) -> str:
         if bridge.pending_capture is not None:
             path, bridge.pending_capture = bridge.pending_capture.path, None
             return _capture_note(bridge.name, path, 0)
@@ -682,8 +725,13 @@ class Switchboard:
         return f"{note}; {state.error}" if state.error else note
 
     def _add_packet_filter(self, name: str, filter_name: str, kind: str = "", *args: str) -> str:
+        self.add_filter(self._bridge(name), filter_name, kind, args)
+        return f"Filter '{filter_name}' type '{kind}' added to bridge '{name}'"
+
+    def add_filter(
+        self, bridge: Bridge, filter_name: str, kind: str, args: tuple[str, ...]
+    ) -> None:
         """ubridge's filters act on both directions; frequency_drop counts both together."""
-        bridge = self._bridge(name)
         if not kind:
             raise ControlError(Code.CREATE, f"Failed to add filter '{filter_name}': no type given")
         if any(f.name == filter_name for f in bridge.filters):
@@ -691,7 +739,6 @@ class Switchboard:
         impairment = self._new_filter(bridge, filter_name, "both", kind, args)
         bridge.filters.append(Filter(filter_name, impairment))
         self._apply_filters(bridge)
-        return f"Filter '{filter_name}' type '{kind}' added to bridge '{name}'"
 
     def _set_packet_filter(
         self, name: str, filter_name: str, direction: str, kind: str, *args: str
@@ -712,19 +759,23 @@ class Switchboard:
         self._apply_filters(bridge)
 
     def _delete_packet_filter(self, name: str, filter_name: str) -> str:
-        bridge = self._bridge(name)
+        self.delete_filter(self._bridge(name), filter_name)
+        return f"Filter '{filter_name}' delete from bridge '{name}'"
+
+    def delete_filter(self, bridge: Bridge, filter_name: str) -> None:
         kept = [f for f in bridge.filters if f.name != filter_name]
         if len(kept) == len(bridge.filters):
             raise ControlError(Code.CREATE, f"Failed to delete filter '{filter_name}'")
         bridge.filters = kept
         self._apply_filters(bridge)
-        return f"Filter '{filter_name}' delete from bridge '{name}'"
 
     def _reset_packet_filters(self, name: str) -> str:
-        bridge = self._bridge(name)
+        self.reset_filters(self._bridge(name))
+        return "OK"
+
+    def reset_filters(self, bridge: Bridge) -> None:
         bridge.filters = []
         self._apply_filters(bridge)
-        return "OK"
 
     def _set_pcap_filter(self, name: str, expression: str = "") -> str:
         """ubridge's capture filter on the bridge's (first) Ethernet NIO: what the interface
@@ -913,7 +964,7 @@ class Switchboard:
 
     def _lab_stop_capture(self, device: str, interface: str) -> str:
         bridge, _ = self._lab_bridge(device, interface)
-        return self._end_capture(bridge)
+        return self.end_capture(bridge)
 
     def _lab_filter(self, device: str, interface: str, kind: str, *args: str) -> str:
         """Dynagen's `filter R1 s1/0 freq_drop in 50` (in/out/both as R1 sees them), `... none`.
