@@ -858,31 +858,19 @@ class Switchboard:
         return Reply(f"veth pair created: {name} and {peer}", info)
 
     def _delete_veth(self, name: str) -> str:
-        try:
-            netdev.delete_link(name)
-        except netdev.NetdevError as exc:
-            raise ControlError(Code.DELETE, str(exc)) from None
+        _host(Code.DELETE, netdev.delete_link, name)
         return f"veth interface {name} has been deleted"
 
     def _move_to_ns(self, name: str, pid: str, new_name: str) -> str:
-        try:
-            netdev.move_to_netns(name, pid, new_name)
-        except netdev.NetdevError as exc:
-            raise ControlError(Code.CREATE, str(exc)) from None
+        _host(Code.CREATE, netdev.move_to_netns, name, pid, new_name)
         return f"{name} moved to namespace {pid}"
 
     def _set_mac_addr(self, name: str, mac: str) -> str:
-        try:
-            netdev.set_mac(name, mac)
-        except netdev.NetdevError as exc:
-            raise ControlError(Code.CREATE, str(exc)) from None
+        _host(Code.CREATE, netdev.set_mac, name, mac)
         return f"MAC address {mac} has been successfully set on interface {name}"
 
     def _addif(self, bridge: str, name: str) -> str:
-        try:
-            netdev.add_to_bridge(bridge, name)
-        except netdev.NetdevError as exc:
-            raise ControlError(Code.CREATE, str(exc)) from None
+        _host(Code.CREATE, netdev.add_to_bridge, bridge, name)
         return f"{name} has been added to bridge {bridge}"
 
     # -- lab: named ends and Dynagen's verbs ----------------------------------------------
@@ -996,6 +984,14 @@ class Switchboard:
         name = f"{end.device}:{end.interface}:{word}:{impairment.name}"
         self._put_filter(bridge, Filter(name, impairment))
         return f"filter {name} set: {impairment}"
+
+
+def _host(code: int, action: Callable[..., object], *args: str) -> None:
+    """A host device operation; its NetdevError becomes error `code`."""
+    try:
+        action(*args)
+    except netdev.NetdevError as exc:
+        raise ControlError(code, str(exc)) from None
 
 
 def _interface(bridge: str, kind: str, name: str) -> str:
