@@ -232,6 +232,9 @@ class VPCS:
                 time.sleep(0.1)
         pc._console.sendall(b"\n")
         pc._read_prompt(deadline - time.monotonic())
+        with contextlib.suppress(VPCSError):  # the banner's prompt and ours: read them all
+            while True:
+                pc._read_prompt(0.5)
         return pc
 
     def start(self, timeout: float = 10.0) -> None:

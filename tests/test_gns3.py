@@ -353,7 +353,7 @@ class VpcsPair:
             self.pcs.append(peers.VPCS.attach(reply["console"], timeout=20))
 
     def ping(self, count: int = 4) -> list[tuple[int, bool]]:
-        return self.pcs[0].ping("10.77.0.2", count=count, interval_ms=300, wait_ms=700)
+        return self.pcs[0].ping("10.77.0.2", count=count, interval_ms=300, wait_ms=1500)
 
     def filters(self, filters: dict[str, list[Any]]) -> None:
         body = {**self.nios[0], "filters": filters}
@@ -380,7 +380,7 @@ def test_vpcs_pair_captures_and_every_link_filter_without_captures_dir(
         body = {"capture_file_name": "pc1-pc2.pcap", "data_link_type": "DLT_EN10MB"}
         path = gns3.ok("POST", f"{pair.ports[0]}/start_capture", body)["pcap_file_path"]
         assert path.startswith(str(gns3.projects / pair.project / "project-files" / "captures"))
-        assert [ok for _, ok in pair.ping(3)] == [True] * 3
+        assert [ok for _, ok in pair.ping(3)] == [True] * 3, pair.pcs[0].transcript[-600:]
         every = {
             "frequency_drop": [0],
             "packet_loss": [0],
