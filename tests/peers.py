@@ -229,6 +229,25 @@ class VPCS:
         """The PC's MAC address: VPCS's 00:50:79:66:68:00 plus the MAC offset."""
         return f"00:50:79:66:68:{self.mac_offset:02x}"
 
+    @classmethod
+    def attach(cls, console_port: int, timeout: float = 10.0) -> VPCS:
+        """The console of a VPCS someone else runs (a GNS3 node): commands only, no process."""
+        pc = cls(0, 0, console_port=console_port)
+        deadline = time.monotonic() + timeout
+        while pc._console is None:
+            try:
+                pc._console = socket.create_connection(("127.0.0.1", console_port), 1.0)
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise VPCSError(f"no VPCS console on port {console_port}") from None
+                time.sleep(0.1)
+        pc._console.sendall(b"\n")
+        pc._read_prompt(deadline - time.monotonic())
+        with contextlib.suppress(VPCSError):  # the banner's prompt and ours: read them all
+            while True:
+                pc._read_prompt(0.5)
+        return pc
+
     def start(self, timeout: float = 10.0) -> None:
         if VPCS_PATH is None:
             raise VPCSError("vpcs is not installed")

@@ -224,6 +224,16 @@ def test_an_impairment_touches_only_the_frames_its_filter_matches(backend: str) 
     assert stats["dropped"] == {"packet_loss": 80}
 
 
+@BACKENDS
+def test_bpf_drops_what_its_expression_matches_counted_as_bpf(backend: str) -> None:
+    frames = chdlc_traffic()
+    with conditional_lab(backend, "a2b bpf icmp", "a2b freq_drop 0 if udp") as t:
+        received = t.transfer(frames, 120)
+        stats = t.settle(200)
+    assert received == [f for f in frames if f[4 + 9] != 1]
+    assert stats["dropped"] == {"bpf": 80}
+
+
 @pytest.mark.skipif(len(available_backends()) < 2, reason="needs both backends")
 def test_both_backends_take_the_same_conditional_decisions(tmp_path: Path) -> None:
     impairments = ("a2b packet_loss 50 if udp", "a2b corrupt 40 if not icmp", "a2b freq_drop 3")
@@ -244,6 +254,8 @@ def test_both_backends_take_the_same_conditional_decisions(tmp_path: Path) -> No
     [
         ("a2b packet_loss 100 if icmp", "needs the link type"),
         ("a2b packet_loss 100 if", "must follow 'if'"),
+        ("a2b bpf icmp", "needs the link type"),
+        ("a2b bpf", "expected bpf EXPRESSION"),
     ],
 )
 def test_bad_conditions_are_one_line_exit_2(impairment: str, fragment: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
+import shlex
 import socket
 import subprocess
 import threading
@@ -26,12 +28,14 @@ from tunnelscope.lab.control import (
     ControlServer,
     Reply,
     Switchboard,
+    gns3_captures_dir,
     parse_address,
     quote,
     run_service,
     tokenize,
 )
 from tunnelscope.lab.labfile import load_lab
+from tunnelscope.nio import open_endpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,12 +43,18 @@ pytestmark = pytest.mark.timeout(120)
 class Service:
     """A Switchboard served on 127.0.0.1:<any port> by a thread; closed by `stop`."""
 
-    def __init__(self, captures: Path, backend: str = "auto", lab_file: str | None = None) -> None:
+    def __init__(
+        self,
+        captures: Path,
+        backend: str = "auto",
+        lab_file: str | None = None,
+        netio_dir: str | None = None,
+    ) -> None:
         captures.mkdir(exist_ok=True)
         self.captures = captures
         self.engine = Engine(backend)
         lab = load_lab(lab_file, str(captures)) if lab_file else None
-        self.switchboard = Switchboard(self.engine, str(captures), lab, seed=1)
+        self.switchboard = Switchboard(self.engine, str(captures), lab, 1, netio_dir)
         if lab:
             self.switchboard.start_lab()
         self.address = ""
@@ -228,6 +238,74 @@ def test_set_packet_filter_impairs_one_direction(service: Service) -> None:
         assert "Filter 'f' configured in position 1" in shown
 
 
+def test_bpf_filters_drop_what_matches_both_ways_counted_as_bpf(service: Service) -> None:
+    with service.client() as client:
+        a, b = bridge_between(client)
+        # GNS3's bpf filter: one quoted tcpdump expression; matching frames are dropped
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "bpf", "ether[14] == 3")
+        client.request("bridge", "add_packet_filter", "br0", "filter1", "bpf", "ether[14] > 7")
+        a.send([1, 2, 3, 4])
+        assert b.numbers(3) == [1, 2, 4]
+        b.send([3, 5, 8, 9, 6])
+        assert a.numbers(2) == [5, 6]
+        [link] = client.links()
+        assert link["stats"]["a2b"]["dropped"] == {"bpf": 1}
+        assert link["stats"]["b2a"]["dropped"] == {"bpf": 3}
+        assert [f["impairment"] for f in link["filters"]] == [
+            "bpf ether[14] == 3",
+            "bpf ether[14] > 7",
+        ]
+        client.request("bridge", "reset_packet_filters", "br0")
+        a.send([3])
+        assert b.numbers(1) == [3]
+
+
+def hdlc_icmp(number: int) -> bytes:
+    """A Cisco HDLC frame holding an ICMP echo request (as a serial interface sends it)."""
+    ip = bytes.fromhex("4500001c0000000040010000") + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    return b"\x0f\x00\x08\x00" + ip + bytes([8, 0, 0, 0, 0, 1, 0, number])
+
+
+def hdlc_slarp(number: int) -> bytes:
+    """A Cisco HDLC SLARP keepalive (ethertype 0x8035)."""
+    return b"\x8f\x00\x80\x35" + bytes(11) + bytes([2, 0, 0, 0, number, 0, 0, 0, 0, 0xFF, 0xFF])
+
+
+def received(peer: Peer, expected: int, timeout: float = 1.0) -> list[bytes]:
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(got) < expected + 1:
+        with contextlib.suppress(TimeoutError, socket.timeout):
+            got.append(peer.sock.recv(2048))
+    return got
+
+
+@pytest.mark.parametrize("told", ["filter", "capture", "detected"])
+def test_bpf_filters_are_compiled_for_a_serial_links_own_type(service: Service, told: str) -> None:
+    """ubridge compiles `icmp` for Ethernet, which never matches a C-HDLC frame; tunnelscope
+    compiles it for the link's type: given to the filter, to start_capture, or detected."""
+    with service.client() as client:
+        a, b = bridge_between(client)
+        extra = ["C_HDLC"] if told == "filter" else []
+        client.request("bridge", "add_packet_filter", "br0", "filter0", "bpf", "icmp", *extra)
+        path = str(service.captures / "serial.pcap")
+        if told == "capture":
+            client.request("bridge", "start_capture", "br0", path, "DLT_C_HDLC")
+        elif told == "detected":
+            client.request("bridge", "start_capture_ext", "br0", path, "auto")
+            for number in range(40):  # enough keepalives to decide the link type
+                a.sock.send(hdlc_slarp(number))
+                time.sleep(0.002)
+            assert len(received(b, 40)) == 40
+            assert peers.wait_until(lambda: client.links()[0]["encapsulation"] == "hdlc", 5, 0.1)
+        for number in range(3):
+            a.sock.send(hdlc_slarp(number))
+            a.sock.send(hdlc_icmp(number))
+            time.sleep(0.002)
+        assert received(b, 3) == [hdlc_slarp(number) for number in range(3)]
+        assert client.links()[0]["stats"]["a2b"]["dropped"] == {"bpf": 3}
+
+
 def test_links_report_per_second_rates(service: Service) -> None:
     with service.client() as client:
         a, _ = bridge_between(client)
@@ -289,7 +367,7 @@ ERRORS = [
     (["bridge", "create", "br0"], Code.CREATE, "bridge 'br0' already exist"),
     (["bridge", "start", "br0"], Code.START, "must have 2 NIOs"),
     (["bridge", "stop", "br0"], Code.STOP, "is not running"),
-    (["bridge", "add_nio_udp", "br0", "abc", "127.0.0.1", "2"], Code.INV_PARAM, "not a number"),
+    (["bridge", "add_nio_udp", "br0", "abc", "127.0.0.1", "2"], Code.CREATE, "not a number"),
     (["bridge", "start_capture", "br0", "../../etc/cron.d/x"], Code.FILE, "outside"),
     (["bridge", "start_capture", "br0", "/etc/passwd"], Code.FILE, "outside"),
     (["bridge", "start_capture", "br0", "x.pcap", "DOCSIS"], Code.INV_PARAM, "unknown link type"),
@@ -304,7 +382,14 @@ ERRORS = [
         Code.CREATE,
         "out of range",
     ),
-    (["bridge", "add_packet_filter", "br0", "f", "bpf", "icmp"], Code.CREATE, "not supported"),
+    (
+        ["bridge", "add_packet_filter", "br0", "filter0", "bpf", "icmp =="],
+        Code.CREATE,
+        "Failed to add filter 'filter0': Cannot compile filter 'icmp ==': ",
+    ),
+    (["bridge", "add_packet_filter", "br0", "f", "bpf"], Code.CREATE, 'bpf "EXPRESSION"'),
+    (["bridge", "add_packet_filter", "br0", "f"], Code.CREATE, "no type given"),
+    (["bridge", "add_packet_filter", "br0", "f", "bpf", "ip", "DOCSIS"], Code.INV_PARAM, "DOCSIS"),
     (
         ["bridge", "add_packet_filter", "br0", "f", "teleport", "1"],
         Code.CREATE,
@@ -317,6 +402,14 @@ ERRORS = [
     ),
     (["bridge", "delete_packet_filter", "br0", "nope"], Code.CREATE, "Failed to delete filter"),
     (["bridge", "rename", "br0", "br0"], Code.RENAME, "already exist"),
+    (["bridge", "add_nio_tap", "br0", "tap0", "on"], Code.BAD_PARAM, "min/max=2/2"),
+    (["bridge", "add_nio_tap", "nope", "tap0"], Code.NOT_FOUND, "bridge 'nope' doesn't exist"),
+    (["bridge", "add_nio_linux_raw", "br0", "a/b"], Code.CREATE, "unable to create NIO Linux raw"),
+    (["bridge", "add_nio_ethernet", "br0", "x" * 16], Code.CREATE, "unable to create NIO Ethernet"),
+    (["bridge", "add_nio_ethernet", "br0", "eth0@ns"], Code.CREATE, "invalid interface name"),
+    (["bridge", "add_nio_tap", "br0", "-x"], Code.CREATE, "unable to create NIO TAP"),
+    (["bridge", "set_pcap_filter", "br0", "not arp"], Code.CREATE, "at least one Ethernet NIO"),
+    (["bridge", "set_pcap_filter", "nope"], Code.NOT_FOUND, "bridge 'nope' doesn't exist"),
     (["lab", "find", "R1", "f0/0"], Code.UNK_OBJ, "no lab is served here"),
     (["hypervisor", "cmd_list", "nosuch"], Code.UNK_MODULE, "unknown module"),
 ]
@@ -687,3 +780,125 @@ def test_a_line_never_finished_closes_the_connection_unrun() -> None:
     finally:
         server.close()
     assert seen == [["hypervisor", "version"]]
+
+
+def _launchers(tmp_path: Path) -> dict[str, Path]:
+    """A hand-written launcher (as ubridge_path users write one) and an installed one, both
+    without --captures-dir; the installed one is written from a directory outside projects."""
+    hand = tmp_path / "by-hand"
+    hand.write_text(f'#!/bin/sh\nexec {" ".join(map(shlex.quote, TUNNELSCOPE))} hypervisor "$@"\n')
+    hand.chmod(0o755)
+    installed = tmp_path / "installed"
+    subprocess.run(
+        [*TUNNELSCOPE, "hypervisor", "--install-launcher", str(installed)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert "--captures-dir" not in installed.read_text()
+    return {"by-hand": hand, "installed": installed}
+
+
+@pytest.mark.parametrize("kind", ["by-hand", "installed"])
+def test_captures_default_to_the_gns3_project_of_the_node(tmp_path: Path, kind: str) -> None:
+    launcher = _launchers(tmp_path)[kind]
+    project = tmp_path / "projects" / "p1"
+    node = project / "project-files" / "vpcs" / "5f1c0c3e-node"
+    other = tmp_path / "projects" / "p2" / "project-files" / "captures"
+    for directory in (node, project / "project-files" / "captures", other):
+        directory.mkdir(parents=True)
+    port = peers.free_tcp_port()
+    process = subprocess.Popen(
+        [str(launcher), "-H", f"127.0.0.1:{port}"], cwd=node, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert "port" in process.stdout.readline()
+        assert process.stdout.readline().strip() == f"Capture files go inside {project}"
+        with ControlClient(f"127.0.0.1:{port}") as client:
+            client.request("bridge", "create", "br0")
+            inside = project / "project-files" / "captures" / "PC1_Ethernet0_PC2.pcap"
+            assert client.request("bridge", "start_capture", "br0", str(inside))
+            client.request("bridge", "stop_capture", "br0")
+            escape = node / ".." / ".." / ".." / ".." / "x.pcap"  # PROJECT/../x.pcap
+            for outside in (other / "x.pcap", tmp_path / "x.pcap", escape):
+                with pytest.raises(ControlError) as caught:
+                    client.request("bridge", "start_capture", "br0", str(outside))
+                assert caught.value.code == Code.FILE
+                assert f"outside the captures directory {project}" in caught.value.text
+            client.request("hypervisor", "stop")
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
+def test_captures_default_to_the_working_directory_outside_gns3(tmp_path: Path) -> None:
+    assert gns3_captures_dir(str(tmp_path)) == str(tmp_path.resolve())
+    node = tmp_path / "p" / "project-files" / "qemu" / "n1"
+    node.mkdir(parents=True)
+    assert gns3_captures_dir(str(node)) == str((tmp_path / "p").resolve())
+    assert gns3_captures_dir(str(node.parent.parent)) == str((tmp_path / "p").resolve())
+
+
+@contextlib.contextmanager
+def veth_pair() -> Iterator[tuple[str, str]]:
+    """A veth pair in the host's namespace, both ends up, no addresses; deleted at exit."""
+    suffix = secrets.token_hex(3)
+    ends = (f"tsa{suffix}", f"tsb{suffix}")
+    peers.run("ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
+    try:
+        for end in ends:
+            peers.run("ip", "link", "set", end, "up")
+        yield ends
+    finally:
+        peers.run("ip", "link", "delete", ends[0], check=False)
+
+
+@peers.needs_root
+@pytest.mark.parametrize("kind", ["add_nio_ethernet", "add_nio_linux_raw"])
+def test_ethernet_nios_and_set_pcap_filter_as_ubridge(service: Service, kind: str) -> None:
+    """An interface NIO bridges a veth to a tunnel; set_pcap_filter (ethernet NIOs only, as in
+    ubridge) keeps what the interface hands over to the frames its expression matches."""
+    with veth_pair() as (ours, wire), service.client() as client:
+        peer = Peer()
+        port = peers.free_udp_port()
+        peer.connect(port)
+        client.request("bridge", "create", "br0")
+        assert client.request("bridge", kind, "br0", ours) == [
+            f"NIO {'Ethernet' if kind == 'add_nio_ethernet' else 'Linux raw'} added to bridge 'br0'"
+        ]
+        client.request("bridge", "add_nio_udp", "br0", str(port), "127.0.0.1", str(peer.port))
+        client.request("bridge", "start", "br0")
+        with open_endpoint(f"eth:{wire}") as sender:
+
+            def deliver(numbers: list[int]) -> list[int]:
+                frames = [
+                    b"\x02" * 6 + b"\x02\x00\x00\x00\x00\x09\x88\xb5" + bytes([n]) * 50
+                    for n in numbers
+                ]
+                assert sender.send_batch(frames) == (len(frames), 0)
+                return [n for n in peer.numbers(len(numbers)) if n in numbers]
+
+            assert deliver([1, 2]) == [1, 2]
+            if kind == "add_nio_linux_raw":
+                with pytest.raises(ControlError) as caught:
+                    client.request("bridge", "set_pcap_filter", "br0", "ether[14] != 3")
+                assert caught.value.code == Code.CREATE
+                return
+            reply = client.request("bridge", "set_pcap_filter", "br0", "ether[14] != 3")
+            assert reply == ["filter 'ether[14] != 3' applied on bridge 'br0'"]
+            assert deliver([3, 4, 3, 5]) == [4, 5]
+            with pytest.raises(ControlError) as caught:
+                client.request("bridge", "set_pcap_filter", "br0", "ether[")
+            assert caught.value.code == Code.CREATE
+            assert "unable to apply filter on bridge br0 (source NIO)" in caught.value.text
+            client.request("bridge", "stop", "br0")  # the filter stays with the bridge
+            client.request("bridge", "start", "br0")
+            assert deliver([3, 6]) == [6]
+            assert client.request("bridge", "set_pcap_filter", "br0") == [
+                "filter reset on bridge 'br0'"
+            ]
+            assert deliver([3]) == [3]

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -59,28 +60,49 @@ def _gns3server() -> str | None:
 class Gns3:
     """A gns3server process bound to 127.0.0.1, and its REST API."""
 
-    def __init__(self, executable: str, workdir: Path) -> None:
+    def __init__(self, executable: str, workdir: Path, launcher_kind: str = "captures-dir") -> None:
+        """`launcher_kind`: installed with --captures-dir PROJECTS, "installed" without it
+        (from a directory outside the projects), or "by-hand" (`exec ... hypervisor "$@"`)."""
         self.workdir = workdir
         self.port = peers.free_tcp_port()
         self.exchange = workdir / "exchange.log"
         self.projects = workdir / "projects"
-        launcher = workdir / "tunnelscope-ubridge"
-        subprocess.run(
-            [*TUNNELSCOPE, "hypervisor", "--install-launcher"]
-            + [str(launcher), "--captures-dir", str(self.projects), "--log", str(self.exchange)],
-            check=True,
-            timeout=60,
-            capture_output=True,
-        )
         home = workdir / "home"
-        for directory in (home, self.projects, workdir / "images", workdir / "configs"):
+        elsewhere = workdir / "elsewhere"
+        for directory in (home, self.projects, workdir / "images", workdir / "configs", elsewhere):
             directory.mkdir(parents=True, exist_ok=True)
+        launcher = workdir / "tunnelscope-ubridge"
+        if launcher_kind == "by-hand":
+            command = " ".join(shlex.quote(word) for word in TUNNELSCOPE)
+            launcher.write_text(
+                f'#!/bin/sh\nexec {command} hypervisor --log {self.exchange} "$@"\n'
+            )
+            launcher.chmod(0o755)
+        else:
+            directory = ["--captures-dir", str(self.projects)]
+            subprocess.run(
+                [*TUNNELSCOPE, "hypervisor", "--install-launcher", str(launcher)]
+                + (directory if launcher_kind == "captures-dir" else [])
+                + ["--log", str(self.exchange)],
+                cwd=elsewhere,
+                check=True,
+                timeout=60,
+                capture_output=True,
+            )
+        vpcs = workdir / "vpcs"  # Debian's vpcs 0.5b2 is older than GNS3 accepts: say 0.6.1
+        vpcs.write_text(
+            '#!/bin/sh\n[ "$1" = -v ] &&'
+            ' exec echo "Welcome to Virtual PC Simulator, version 0.6.1"\n'
+            f'exec {peers.VPCS_PATH or "vpcs"} "$@"\n'
+        )
+        vpcs.chmod(0o755)
         config = workdir / "gns3_server.conf"
         config.write_text(
             "[Server]\n"
             f"host = 127.0.0.1\nport = {self.port}\nubridge_path = {launcher}\n"
             f"projects_path = {self.projects}\nimages_path = {workdir / 'images'}\n"
             f"configs_path = {workdir / 'configs'}\nreport_errors = False\nauth = False\n"
+            f"[VPCS]\nvpcs_path = {vpcs}\n"
         )
         self.log = workdir / "gns3server.log"
         command = [executable, "--config", str(config), "--local", "--host", "127.0.0.1"]
@@ -278,3 +300,120 @@ def test_capture_through_the_compute_api_is_read_by_tshark(cloudlink: Cloudlink)
     assert len(rows) == 8  # what crossed: the dropped frames never reach the file
     assert {row["eth.type"][0] for row in rows} == {"0x88b5"}
     assert "bridge start_capture" in cloudlink.gns3.exchange_text()
+
+
+# --- two VPCS nodes, a hypervisor per node, without --captures-dir ---------------------------
+
+
+@pytest.fixture(scope="module", params=["by-hand", "installed"])
+def gns3_default(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
+) -> Iterator[Gns3]:
+    """A GNS3 server whose ubridge_path runs tunnelscope without --captures-dir."""
+    executable = _gns3server()
+    if executable is None:
+        pytest.skip(f"gns3-server {GNS3_VERSION} is not installed and cannot be installed here")
+    if peers.VPCS_PATH is None:
+        pytest.skip("vpcs is not installed")
+    server = Gns3(executable, tmp_path_factory.mktemp(f"gns3-{request.param}"), request.param)
+    try:
+        yield server
+    finally:
+        server.close()
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("-", f"the exchange tunnelscope saw ({request.param} launcher)")
+            reporter.write_line(server.exchange_text())
+
+
+class VpcsPair:
+    """PC1 - [link] - PC2, two GNS3 VPCS nodes (each behind its own tunnelscope hypervisor)."""
+
+    def __init__(self, gns3: Gns3) -> None:
+        self.gns3 = gns3
+        self.project = str(uuid.uuid4())
+        gns3.ok("POST", "/v2/compute/projects", {"name": "pair", "project_id": self.project})
+        base = f"/v2/compute/projects/{self.project}"
+        link = [gns3.ok("POST", f"{base}/ports/udp")["udp_port"] for _ in range(2)]
+        self.nodes, self.ports, self.nios, self.pcs = [], [], [], []
+        for index in range(2):
+            node = str(uuid.uuid4())
+            script = f"ip 10.77.0.{index + 1}/24\n"
+            body = {"name": f"PC{index + 1}", "node_id": node, "startup_script": script}
+            reply = gns3.ok("POST", f"{base}/vpcs/nodes", body)
+            self.nodes.append(f"{base}/vpcs/nodes/{node}")
+            self.ports.append(f"{base}/vpcs/nodes/{node}/adapters/0/ports/0")
+            nio = {"type": "nio_udp", "lport": link[index], "rhost": "127.0.0.1"}
+            nio["rport"] = link[1 - index]
+            gns3.ok("POST", f"{self.ports[index]}/nio", nio)
+            self.nios.append(nio)
+            gns3.ok("POST", f"{self.nodes[index]}/start", {})
+            self.pcs.append(peers.VPCS.attach(reply["console"], timeout=20))
+
+    def ping(self, count: int = 4) -> list[tuple[int, bool]]:
+        return self.pcs[0].ping("10.77.0.2", count=count, interval_ms=300, wait_ms=1500)
+
+    def filters(self, filters: dict[str, list[Any]]) -> None:
+        body = {**self.nios[0], "filters": filters}
+        self.gns3.ok("PUT", f"{self.ports[0]}/nio", body)
+
+    def close(self) -> None:
+        for pc in self.pcs:
+            pc.close()
+        for node in self.nodes:
+            self.gns3.call("POST", f"{node}/stop", {})
+        self.gns3.ok("POST", f"/v2/compute/projects/{self.project}/close")
+
+
+@tshark.required
+def test_vpcs_pair_captures_and_every_link_filter_without_captures_dir(
+    gns3_default: Gns3,
+) -> None:
+    gns3 = gns3_default
+    pair = VpcsPair(gns3)
+    try:
+        assert peers.wait_until(lambda: any(ok for _, ok in pair.ping(2)), 30, 0.5), (
+            pair.pcs[0].transcript + gns3.exchange_text()
+        )
+        body = {"capture_file_name": "pc1-pc2.pcap", "data_link_type": "DLT_EN10MB"}
+        path = gns3.ok("POST", f"{pair.ports[0]}/start_capture", body)["pcap_file_path"]
+        assert path.startswith(str(gns3.projects / pair.project / "project-files" / "captures"))
+        assert [ok for _, ok in pair.ping(3)] == [True] * 3, pair.pcs[0].transcript[-600:]
+        every = {
+            "frequency_drop": [0],
+            "packet_loss": [0],
+            "delay": [5, 0],
+            "corrupt": [0],
+            "bpf": ["icmp[icmptype] == icmp-echo"],
+        }
+        pair.filters(every)
+        log = gns3.exchange_text()
+        for line in (
+            "filter0 frequency_drop 0",
+            "filter1 packet_loss 0",
+            "filter2 delay 5 0",
+            "filter3 corrupt 0",
+            'filter4 bpf "icmp[icmptype] == icmp-echo"',
+        ):
+            pattern = rf"<- bridge add_packet_filter \S+ {re.escape(line)}$"
+            assert re.search(pattern, log, re.MULTILINE), log
+        assert "-> 2" not in log.split("filter0 frequency_drop 0")[-1], log
+        pair.pcs[0].command("clear arp")
+        pair.pcs[1].command("clear arp")
+        assert [ok for _, ok in pair.ping(3)] == [False] * 3
+        pair.filters({"bpf": ["icmp[icmptype] == icmp-echo"]})  # the BPF filter alone
+        pair.pcs[0].command("clear arp")
+        assert [ok for _, ok in pair.ping(4)] == [False] * 4
+        pair.filters({})
+        assert [ok for _, ok in pair.ping(3)] == [True] * 3
+        gns3.ok("POST", f"{pair.ports[0]}/stop_capture", {})
+    finally:
+        pair.close()
+    rows = tshark.fields(path, ["arp.opcode", "icmp.type"])
+    icmp = [row["icmp.type"][0] for row in rows if row["icmp.type"]]
+    arp = [row["arp.opcode"][0] for row in rows if row["arp.opcode"]]
+    # 3 answered pings, 7 lost requests (never in the file: dropped before it), 3 answered
+    assert icmp == ["8", "0"] * 3 + ["8", "0"] * 3, rows
+    assert {"1", "2"} <= set(arp)  # ARP passed while the echo requests were dropped

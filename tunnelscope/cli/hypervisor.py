@@ -20,6 +20,7 @@ from tunnelscope.lab.control import (
     UBRIDGE_VERSION,
     Switchboard,
     exposure_warning,
+    gns3_captures_dir,
     parse_address,
     run_service,
 )
@@ -44,10 +45,9 @@ from tunnelscope.lab.control import (
 )
 @click.option(
     "--captures-dir",
-    default=".",
-    show_default=True,
     type=click.Path(file_okay=False),
-    help="Capture files must lie inside this directory (GNS3: its projects directory).",
+    help="Capture files must lie inside this directory [default: the GNS3 project of the"
+    " working directory (its project-files' parent), else the working directory].",
 )
 @click.option(
     "--log",
@@ -69,7 +69,7 @@ def hypervisor(
     listen: str | None,
     show_version: bool,
     debug: int,
-    captures_dir: str,
+    captures_dir: str | None,
     log_path: str | None,
     launcher: str | None,
     backend: str,
@@ -79,12 +79,12 @@ def hypervisor(
     GNS3 starts its ubridge as `UBRIDGE_PATH -v` (to check the version), then
     `UBRIDGE_PATH -H 127.0.0.1:PORT [-d 1]`, and drives it over that port. Install a
     launcher and give its path to GNS3 (gns3_server.conf, [Server] ubridge_path = PATH).
-    Capture files GNS3 names must lie in --captures-dir: give the GNS3 projects directory.
+    GNS3 starts it in the node's directory (PROJECT/project-files/TYPE/NODE), so by default
+    capture files must lie in that node's project; --captures-dir widens or narrows that.
 
     \b
     Examples:
-      tunnelscope hypervisor --install-launcher ~/bin/tunnelscope-ubridge \\
-          --captures-dir ~/GNS3/projects
+      tunnelscope hypervisor --install-launcher ~/bin/tunnelscope-ubridge
       tunnelscope hypervisor -H 4242 --log exchange.log     # by hand, then: nc 127.0.0.1 4242
     """
     if show_version:
@@ -102,12 +102,13 @@ def hypervisor(
         raise Failure(str(exc)) from None
     log_file = _open_log(log_path)
     log = _logger(log_file, echo=debug > 0)
-    switchboard = Switchboard(engine, captures_dir)
+    switchboard = Switchboard(engine, captures_dir or gns3_captures_dir(os.getcwd()))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: engine.stop())
 
     def ready(bound: tuple[str, int]) -> None:
         click.echo(f"Hypervisor TCP control server started (IP {bound[0]} port {bound[1]}).")
+        click.echo(f"Capture files go inside {switchboard.captures}")
         warning = exposure_warning(bound)
         if warning:
             click.echo(f"tunnelscope: warning: {warning}", err=True)
@@ -156,10 +157,14 @@ def _logger(log_file: IO[str] | None, echo: bool) -> Callable[[str], None] | Non
     return log
 
 
-def _install_launcher(path: str, captures_dir: str, log_path: str | None, backend: str) -> None:
-    """A shell script that runs this Python's tunnelscope with the options fixed."""
-    command = [sys.executable, "-m", "tunnelscope", "hypervisor"]
-    command += ["--captures-dir", os.path.abspath(captures_dir), "--backend", backend]
+def _install_launcher(
+    path: str, captures_dir: str | None, log_path: str | None, backend: str
+) -> None:
+    """A shell script that runs this Python's tunnelscope with the options fixed (without
+    --captures-dir, each hypervisor finds its own node's project when it starts)."""
+    command = [sys.executable, "-m", "tunnelscope", "hypervisor", "--backend", backend]
+    if captures_dir:
+        command += ["--captures-dir", os.path.abspath(captures_dir)]
     if log_path:
         command += ["--log", os.path.abspath(log_path)]
     script = (

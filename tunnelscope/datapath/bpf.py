@@ -25,6 +25,10 @@ MASK = 0xFFFFFFFF
 class FilterError(Exception):
     """The expression does not compile (libpcap's message), or libpcap is missing."""
 
+    def __init__(self, text: str, reason: str = "") -> None:
+        super().__init__(text)
+        self.reason = reason or text  # libpcap's own words ("syntax error")
+
 
 class _Insn(ctypes.Structure):
     _fields_ = [
@@ -74,7 +78,7 @@ def compile_filter(expression: str, linktype: int) -> Program:
         program = _Program()
         if lib.pcap_compile(handle, ctypes.byref(program), expression.encode(), 1, NETMASK_UNKNOWN):
             message = lib.pcap_geterr(handle).decode(errors="replace")
-            raise FilterError(f"invalid capture filter {expression!r}: {message}")
+            raise FilterError(f"invalid capture filter {expression!r}: {message}", message)
         try:
             return [
                 (i.code, i.jt, i.jf, i.k)

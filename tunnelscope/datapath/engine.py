@@ -178,6 +178,7 @@ class Link:
         self.primary: CaptureState | None = None  # the file capture start_capture made first
         self.finished: CaptureState | None = None  # the last primary capture, once stopped
         self.linktype: LinkType | None = None  # the encapsulation, when known
+        self.compiled_for: LinkType | None = None  # what the impairments' filters assume
         self._next_capture = 0
         self.id = engine.call(engine.loop.add, a, b)
 
@@ -188,15 +189,21 @@ class Link:
 
     @on_loop_thread
     def set_impairments(
-        self, impairments: list[Impairment], conditions: list[str | None] | None = None
+        self,
+        impairments: list[Impairment],
+        conditions: list[str | None] | None = None,
+        assume: LinkType | None = None,
     ) -> None:
         """Replace every impairment; counters (freq_drop's) restart at 0, as in dynamips.
 
         `conditions`: per impairment, a tcpdump expression a frame must match to be impaired
-        (None: every frame), compiled for the link type, which must be known.
+        (None: every frame). Conditions and `bpf` expressions are compiled for the link type;
+        while it is unknown, for `assume` (else it is an error), and again once a capture has
+        detected it.
         """
         conditions = conditions or [None] * len(impairments)
-        programs = [self._condition(text) for text in conditions]
+        linktype = self.linktype or assume
+        programs = [self._condition(i, text, linktype) for i, text in zip(impairments, conditions)]
         compiled = chains(impairments, self.seed)
         for direction, key in ((pipeline.A2B, "a2b"), (pipeline.B2A, "b2a")):
             filters = [
@@ -207,14 +214,19 @@ class Link:
             self.engine.loop.set_chain(self.id, direction, compiled[key], filters)
         self.impairments = list(impairments)
         self.conditions = list(conditions)
+        self.compiled_for = linktype if any(p is not None for p in programs) else None
 
-    def _condition(self, expression: str | None) -> bpf.Program | None:
-        if expression is None:
+    def _condition(
+        self, impairment: Impairment, condition: str | None, linktype: LinkType | None
+    ) -> bpf.Program | None:
+        parts = [text for text in (impairment.expression, condition) if text is not None]
+        if not parts:
             return None
-        if self.linktype is None:
-            raise ImpairmentError(f"'if {expression}' needs the link type (give --linktype)")
+        expression = " and ".join(f"({text})" for text in parts) if len(parts) > 1 else parts[0]
+        if linktype is None:
+            raise ImpairmentError(f"{expression!r} needs the link type (give --linktype)")
         try:
-            return bpf.compile_filter(expression, int(self.linktype))
+            return bpf.compile_filter(expression, int(linktype))
         except bpf.FilterError as exc:
             raise ImpairmentError(str(exc)) from None
 
@@ -448,6 +460,8 @@ class Link:
         enough = detector.decided or result.frames >= DETECT_MAX_FRAMES
         if final or enough or (result.frames and waited > DETECT_MAX_SECONDS):
             self.linktype = result.linktype
+            if self.compiled_for not in (None, self.linktype):  # filters assumed another type
+                self.set_impairments(self.impairments, self.conditions)
             if state.filter is not None:
                 self._filter_late(state, result.linktype)
             for index in range(len(writer.interfaces)):
@@ -516,13 +530,16 @@ class Engine:
             except Exception as exc:  # handed to the caller's thread
                 future.set_exception(exc)
 
-    def add_link(self, name: str, a_spec: str, b_spec: str, seed: int | None = None) -> Link:
-        """Open both endpoints (EndpointError on failure, nothing left open) and bridge them."""
+    def add_link(
+        self, name: str, a_spec: str | Endpoint, b_spec: str | Endpoint, seed: int | None = None
+    ) -> Link:
+        """Open both endpoints (EndpointError on failure, nothing left open) and bridge them;
+        an Endpoint given open is the link's from then on (it closes it)."""
         if name in self.links:
             raise ValueError(f"a link named {name!r} exists already")
-        a = open_endpoint(a_spec)
+        a = a_spec if isinstance(a_spec, Endpoint) else open_endpoint(a_spec)
         try:
-            b = open_endpoint(b_spec)
+            b = b_spec if isinstance(b_spec, Endpoint) else open_endpoint(b_spec)
         except Exception:
             a.close()
             raise

@@ -56,8 +56,17 @@ class Impairment:
     def __str__(self) -> str:
         return " ".join((self.direction, self.name, *self.args))
 
+    @property
+    def expression(self) -> str | None:
+        """bpf's tcpdump expression: the frames it drops (compiled where the link type is
+        known, by the engine)."""
+        return " ".join(self.args) if self.name == "bpf" else None
+
     def compile(self, direction: str, position: int, seed: int) -> Stage:
-        kind, params = _SPECS[self.name].compile(self.args)
+        if self.name == "bpf":  # freq_drop -1 on the frames its expression matches
+            kind, params = Kind.FREQ_DROP, (-1,)
+        else:
+            kind, params = _SPECS[self.name].compile(self.args)
         shared = position if kind is Kind.FREQ_DROP and self.direction == "both" else -1
         code = DIRECTIONS.index(direction)
         return Stage(kind, self.name, params, stream_seed(seed, code, position), shared)
@@ -85,8 +94,12 @@ def parse_impairment(text: str) -> Impairment:
     if not words:
         raise ImpairmentError(f"{text!r}: missing impairment name after {direction!r}")
     name = ALIASES.get(words[0], words[0])
+    if name == "bpf":
+        if len(words) < 2:
+            raise ImpairmentError("bpf: expected bpf EXPRESSION (the frames it drops)")
+        return Impairment(direction, name, tuple(words[1:]))
     if name not in _SPECS:
-        known = ", ".join(sorted(_SPECS))
+        known = ", ".join(sorted([*_SPECS, "bpf"]))
         raise ImpairmentError(f"unknown impairment {words[0]!r} (known: {known})")
     impairment = Impairment(direction, name, tuple(words[1:]))
     _SPECS[name].compile(impairment.args)  # validate now, not when traffic arrives
@@ -197,4 +210,4 @@ _SPECS = {
     ),
 }
 ALIASES = {"frequency_drop": "freq_drop", "loss": "packet_loss", "limit": "rate"}
-NAMES = tuple(_SPECS)
+NAMES = (*_SPECS, "bpf")

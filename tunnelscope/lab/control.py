@@ -29,12 +29,16 @@ from enum import IntEnum
 from typing import Any
 
 from tunnelscope import __version__
+from tunnelscope.datapath import bpf
 from tunnelscope.datapath.engine import CAPTURE_POINTS, Engine, Link
 from tunnelscope.datapath.impairments import Impairment, ImpairmentError, parse_impairment
 from tunnelscope.formats.capture import CaptureError, Format
 from tunnelscope.formats.linktype import TUNNEL_LINKTYPES, LinkType
 from tunnelscope.lab.labfile import End, Lab, LabError, resolve_capture_path
-from tunnelscope.nio import EndpointError, parse_endpoint
+from tunnelscope.nio import Endpoint, EndpointError, netdev, parse_endpoint
+from tunnelscope.nio.netio import default_directory as default_netio_dir
+from tunnelscope.nio.spec import SocketEndpoint
+from tunnelscope.nio.tap import TapEndpoint
 
 UBRIDGE_VERSION = "0.9.18"  # the ubridge whose protocol we speak; GNS3 wants >= 0.9.14
 DEFAULT_PORT = 4242  # ubridge's
@@ -166,6 +170,17 @@ def exposure_warning(bound: tuple[str, int]) -> str | None:
     return f"control on {bound[0]} port {bound[1]} is reachable from the network, unauthenticated"
 
 
+def gns3_captures_dir(cwd: str) -> str:
+    """Where a hypervisor started in `cwd` keeps its captures when not told: the GNS3
+    project the node lives in (GNS3 starts ubridge in PROJECT/project-files/TYPE/NODE and
+    asks for PROJECT/project-files/captures/FILE), else `cwd` itself."""
+    path = os.path.realpath(cwd)
+    head, tail = path, ""
+    while tail != "project-files" and head != os.path.dirname(head):
+        head, tail = os.path.split(head)
+    return head if tail == "project-files" else path
+
+
 def control_address(text: str | None) -> str:
     """The control address to use: given, else $TUNNELSCOPE_CONTROL, else ubridge's default."""
     return text or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL
@@ -200,7 +215,10 @@ class Bridge:
 
     name: str
     nios: list[str] = field(default_factory=list)
+    nio_kinds: list[str] = field(default_factory=list)  # ubridge's: "UDP", "Ethernet"...
     filters: list[Filter] = field(default_factory=list)
+    pcap_filter: tuple[int, str, bpf.Program] | None = None  # NIO, expression, program
+    held: dict[str, Endpoint] = field(default_factory=dict)  # NIOs open since they were added
     link: Link | None = None
     ends: tuple[End, End] | None = None
     encapsulation: LinkType | None = None
@@ -246,8 +264,16 @@ class Switchboard:
     """ubridge's commands over an Engine, plus tunnelscope's extensions. Engine thread only."""
 
     def __init__(
-        self, engine: Engine, captures: str, lab: Lab | None = None, seed: int | None = None
+        self,
+        engine: Engine,
+        captures: str,
+        lab: Lab | None = None,
+        seed: int | None = None,
+        netio_dir: str | None = None,
     ) -> None:
+        """`netio_dir`: where IOU's NETIO sockets are (default /tmp/netio<UID>)."""
+        from tunnelscope.lab.iol import IolBridges  # it builds on this module's bridges
+
         self.engine = engine
         self.captures = os.path.abspath(captures)
         self.lab = lab
@@ -278,12 +304,12 @@ class Switchboard:
                 "delete_nio_udp": (4, 4, self._delete_nio_udp),
                 "remove_nio_udp": (4, 4, self._delete_nio_udp),
                 "add_nio_unix": (3, 3, self._add_nio_unix),
-                "add_nio_tap": (2, 3, self._add_nio_tap),
+                "add_nio_tap": (2, 2, self._add_nio_tap),
                 "add_nio_ethernet": (2, 2, self._add_nio_ethernet),
-                "add_nio_linux_raw": (2, 2, self._add_nio_ethernet),
+                "add_nio_linux_raw": (2, 2, self._add_nio_linux_raw),
                 "start_capture": (2, 3, self._start_capture),
                 "stop_capture": (1, 1, self._stop_capture),
-                "add_packet_filter": (3, 10, self._add_packet_filter),
+                "add_packet_filter": (2, 10, self._add_packet_filter),
                 "delete_packet_filter": (2, 2, self._delete_packet_filter),
                 "reset_packet_filters": (1, 1, self._reset_packet_filters),
                 "set_pcap_filter": (1, 2, self._set_pcap_filter),
@@ -291,6 +317,14 @@ class Switchboard:
                 "set_packet_filter": (4, 12, self._set_packet_filter),
                 "start_capture_ext": (3, 5, self._start_capture_ext),
             },
+            "iol_bridge": {},
+            "docker": {
+                "create_veth": (2, 2, self._create_veth),
+                "delete_veth": (1, 1, self._delete_veth),
+                "move_to_ns": (3, 3, self._move_to_ns),
+                "set_mac_addr": (2, 2, self._set_mac_addr),
+            },
+            "brctl": {"addif": (2, 2, self._addif)},
             "lab": {
                 "show": (0, 0, self._lab_show),
                 "devices": (0, 0, self._lab_devices),
@@ -302,6 +336,9 @@ class Switchboard:
                 "stream": (0, 0, self._lab_stream),
             },
         }
+
+        self.iol = IolBridges(self, netio_dir or default_netio_dir())
+        self.commands["iol_bridge"] = self.iol.commands()
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -383,17 +420,51 @@ class Switchboard:
         """Stop every capture and link; what was captured, for the exit summary."""
         notes = []
         for bridge in list(self.bridges.values()):
-            notes += self._halt(bridge)
-        self.bridges.clear()
-        return notes
+            notes += self.halt(bridge)
+            self._forget(bridge)
+        return notes + self.iol.close()
 
     def _run_bridge(self, bridge: Bridge) -> None:
-        link = self.engine.add_link(bridge.name, bridge.nios[0], bridge.nios[1], bridge.seed)
+        a, b = (self._endpoint(bridge, spec) for spec in bridge.nios)
+        try:
+            link = self.engine.add_link(bridge.name, a, b, bridge.seed)
+        except Exception:
+            for end in (a, b):  # a copied TAP fd the link did not take
+                if isinstance(end, Endpoint) and end.fileno() >= 0:
+                    end.close()
+            raise
         bridge.link = link
         bridge.baseline, bridge.sample, bridge.rates = {}, None, {}
         self._apply_filters(bridge)
+        if bridge.pcap_filter:
+            index, _, program = bridge.pcap_filter
+            link.ends[index].set_filter(program)  # type: ignore[attr-defined]
 
-    def _halt(self, bridge: Bridge) -> list[str]:
+    @staticmethod
+    def _endpoint(bridge: Bridge, spec: str) -> str | Endpoint:
+        """A held NIO goes to the link as a copy of its fd: stopping the link closes the
+        copy, and the NIO (a TAP maybe moved into a container by then, an IOU port's side of
+        the NETIO hub) lives on, as in ubridge."""
+        held = bridge.held.get(spec)
+        if isinstance(held, TapEndpoint):
+            return TapEndpoint(spec, os.dup(held.fileno()))
+        if isinstance(held, SocketEndpoint):
+            return SocketEndpoint(spec, held.sock.dup())
+        return spec
+
+    def release(self, bridge: Bridge) -> list[str]:
+        """Stop a bridge and close the NIOs it holds (it is going away)."""
+        notes = self.halt(bridge)
+        for endpoint in bridge.held.values():
+            endpoint.close()
+        bridge.held.clear()
+        return notes
+
+    def _forget(self, bridge: Bridge) -> None:
+        self.release(bridge)
+        del self.bridges[bridge.name]
+
+    def halt(self, bridge: Bridge) -> list[str]:
         """Stop the link (and its capture); its configuration stays."""
         notes = []
         bridge.pending_capture = None
@@ -408,11 +479,11 @@ class Switchboard:
     # -- hypervisor -----------------------------------------------------------------------
 
     def _reset(self) -> str:
-        """Delete every bridge a client created; a served lab's links stay."""
+        """Delete every bridge (and IOL bridge) a client created; a served lab's links stay."""
         for bridge in list(self.bridges.values()):
             if bridge.ends is None:
-                self._halt(bridge)
-                del self.bridges[bridge.name]
+                self._forget(bridge)
+        self.iol.close()
         return "OK"
 
     # -- bridge ---------------------------------------------------------------------------
@@ -437,8 +508,7 @@ class Switchboard:
 
     def _delete(self, name: str) -> str:
         bridge = self._client_bridge(name, Code.DELETE, "deleted")
-        self._halt(bridge)
-        del self.bridges[name]
+        self._forget(bridge)
         return f"bridge '{name}' deleted"
 
     def _start(self, name: str) -> Reply:
@@ -447,24 +517,29 @@ class Switchboard:
             raise ControlError(Code.START, f"bridge '{name}' is already running")
         if len(bridge.nios) != 2:
             raise ControlError(Code.START, f"bridge '{name}' must have 2 NIOs to be started")
+        return Reply(f"bridge '{name}' started", self.start_bridge(bridge))
+
+    def start_bridge(self, bridge: Bridge) -> list[str]:
+        """Open its NIOs and run it (205 when they cannot be); notes for info lines."""
         try:
             self._run_bridge(bridge)
         except (EndpointError, ValueError) as exc:
-            raise ControlError(Code.BINDING, f"bridge '{name}' could not start: {exc}") from None
-        reply = Reply(f"bridge '{name}' started")
+            raise ControlError(
+                Code.BINDING, f"bridge '{bridge.name}' could not start: {exc}"
+            ) from None
         request, bridge.pending_capture = bridge.pending_capture, None
         if request is not None:
             try:
                 self._open_capture(bridge, request)
             except ControlError as exc:
-                reply.info.append(f"packet capture could not be started: {exc.text}")
-        return reply
+                return [f"packet capture could not be started: {exc.text}"]
+        return []
 
     def _stop(self, name: str) -> str:
         bridge = self._bridge(name)
         if bridge.link is None:
             raise ControlError(Code.STOP, f"bridge '{name}' is not running")
-        self._halt(bridge)
+        self.halt(bridge)
         return f"bridge '{name}' stopped"
 
     def _rename(self, name: str, new: str) -> str:
@@ -504,11 +579,14 @@ class Switchboard:
         return Reply(info=info)
 
     def _reset_stats(self, name: str) -> str:
-        bridge = self._bridge(name)
+        self.reset_stats(self._bridge(name))
+        return "OK"
+
+    @staticmethod
+    def reset_stats(bridge: Bridge) -> None:
         if bridge.link is not None:
             bridge.baseline = bridge.link.stats()
             bridge.sample, bridge.rates = None, {}
-        return "OK"
 
     def _add_nio(self, name: str, spec: str, kind: str) -> str:
         bridge = self._bridge(name)
@@ -519,8 +597,11 @@ class Switchboard:
         try:
             parse_endpoint(spec)
         except ValueError as exc:
-            raise ControlError(Code.INV_PARAM, f"unable to create NIO {kind}: {exc}") from None
+            raise ControlError(
+                Code.CREATE, f"unable to create NIO {kind} for bridge '{name}': {exc}"
+            ) from None
         bridge.nios.append(spec)
+        bridge.nio_kinds.append(kind)
         return f"NIO {kind} added to bridge '{name}'"
 
     def _add_nio_udp(self, name: str, lport: str, rhost: str, rport: str) -> str:
@@ -535,27 +616,64 @@ class Switchboard:
         spec = f"udp:{lport}:{host}:{rport}"
         if spec not in bridge.nios:
             raise ControlError(Code.NOT_FOUND, f"UDP nio missing in '{name}'")
-        bridge.nios.remove(spec)
+        index = bridge.nios.index(spec)
+        del bridge.nios[index], bridge.nio_kinds[index]
+        if bridge.pcap_filter and bridge.pcap_filter[0] > index:  # the Ethernet NIO moved up
+            bridge.pcap_filter = (index, *bridge.pcap_filter[1:])
         return f"NIO UDP removed from bridge '{name}'"
 
     def _add_nio_unix(self, name: str, local: str, remote: str) -> str:
         return self._add_nio(name, f"unix:{local}:{remote}", "UNIX")
 
-    def _add_nio_tap(self, name: str, tap: str, carrier: str = "on") -> str:
-        if carrier != "on":
-            raise ControlError(Code.INV_PARAM, f"invalid TAP carrier state '{carrier}'")
-        return self._add_nio(name, f"tap:{tap}", "TAP")
+    def _add_nio_tap(self, name: str, tap: str) -> str:
+        """The TAP is created (or attached) now, as ubridge does: GNS3 moves it into a Docker
+        container's namespace (`docker move_to_ns`) before it starts the bridge."""
+        spec = f"tap:{_interface(name, 'TAP', tap)}"
+        bridge = self._bridge(name)
+        if spec in bridge.nios:
+            raise ControlError(Code.CREATE, f"bridge '{name}' has this TAP already")
+        reply = self._add_nio(name, spec, "TAP")
+        try:
+            endpoint = parse_endpoint(spec).open()
+        except EndpointError as exc:
+            bridge.nios.pop(), bridge.nio_kinds.pop()
+            raise ControlError(
+                Code.CREATE, f"unable to create NIO TAP for bridge '{name}': {exc}"
+            ) from None
+        assert isinstance(endpoint, TapEndpoint)
+        bridge.held[spec] = endpoint
+        return reply
 
     def _add_nio_ethernet(self, name: str, interface: str) -> str:
-        return self._add_nio(name, f"eth:{interface}", "Ethernet")
+        """ubridge's pcap NIO; set_pcap_filter applies to it."""
+        spec = f"eth:{_interface(name, 'Ethernet', interface)}"
+        return self._add_nio(name, spec, "Ethernet")
+
+    def _add_nio_linux_raw(self, name: str, interface: str) -> str:
+        """ubridge's AF_PACKET NIO (what GNS3 uses on Linux): the same endpoint here."""
+        spec = f"eth:{_interface(name, 'Linux raw', interface)}"
+        return self._add_nio(name, spec, "Linux raw")
 
     def _start_capture(self, name: str, path: str, linktype: str | None = None) -> str:
         """ubridge's capture: after the filters (dropped frames never reach the file),
         classic pcap; no link type means the link's known encapsulation, else Ethernet."""
         bridge = self._bridge(name)
-        chosen = _linktype(linktype) if linktype else bridge.encapsulation or LinkType.ETHERNET
-        self._capture(bridge, path, chosen, "post", False)
+        self.start_capture(bridge, path, linktype, bridge.encapsulation or LinkType.ETHERNET)
         return f"packet capture started on bridge '{name}'"
+
+    def start_capture(
+        self, bridge: Bridge, path: str, linktype: str | None, default: LinkType | None
+    ) -> None:
+        """A capture after the filters, in classic pcap, of `linktype` (ubridge's names) or
+        `default` (None: detected from the first frames)."""
+        chosen = _linktype(linktype) if linktype else default
+        self._capture(bridge, path, chosen, "post", False)
+        if linktype and chosen and bridge.encapsulation is None:  # GNS3 names serial types
+            self._learn_encapsulation(bridge, chosen)
+
+    @staticmethod
+    def capturing(bridge: Bridge) -> bool:
+        return bool((bridge.link and bridge.link.capture) or bridge.pending_capture)
 
     def _start_capture_ext(
         self, name: str, path: str, linktype: str, point: str = "post", fmt: str = ""
@@ -605,9 +723,9 @@ class Switchboard:
 
     def _stop_capture(self, name: str) -> str:
         bridge = self._bridge(name)
-        return self._end_capture(bridge)
+        return self.end_capture(bridge)
 
-    def _end_capture(self, bridge: Bridge) -> str:
+    def end_capture(self, bridge: Bridge) -> str:
         if bridge.pending_capture is not None:
             path, bridge.pending_capture = bridge.pending_capture.path, None
             return _capture_note(bridge.name, path, 0)
@@ -617,22 +735,28 @@ class Switchboard:
         note = _capture_note(bridge.name, state.path, state.writer.sink.frames)
         return f"{note}; {state.error}" if state.error else note
 
-    def _add_packet_filter(self, name: str, filter_name: str, kind: str, *args: str) -> str:
+    def _add_packet_filter(self, name: str, filter_name: str, kind: str = "", *args: str) -> str:
+        self.add_filter(self._bridge(name), filter_name, kind, args)
+        return f"Filter '{filter_name}' type '{kind}' added to bridge '{name}'"
+
+    def add_filter(
+        self, bridge: Bridge, filter_name: str, kind: str, args: tuple[str, ...]
+    ) -> None:
         """ubridge's filters act on both directions; frequency_drop counts both together."""
-        bridge = self._bridge(name)
+        if not kind:
+            raise ControlError(Code.CREATE, f"Failed to add filter '{filter_name}': no type given")
         if any(f.name == filter_name for f in bridge.filters):
             raise ControlError(Code.CREATE, f"Failed to add filter '{filter_name}': it exists")
-        impairment = _impairment(filter_name, "both", kind, args)
+        impairment = self._new_filter(bridge, filter_name, "both", kind, args)
         bridge.filters.append(Filter(filter_name, impairment))
         self._apply_filters(bridge)
-        return f"Filter '{filter_name}' type '{kind}' added to bridge '{name}'"
 
     def _set_packet_filter(
         self, name: str, filter_name: str, direction: str, kind: str, *args: str
     ) -> str:
         """Add, or replace in place, a filter acting on one direction (a2b, b2a) or both."""
         bridge = self._bridge(name)
-        impairment = _impairment(filter_name, direction, kind, args)
+        impairment = self._new_filter(bridge, filter_name, direction, kind, args)
         self._put_filter(bridge, Filter(filter_name, impairment))
         return f"Filter '{filter_name}' set on bridge '{name}': {impairment}"
 
@@ -646,30 +770,119 @@ class Switchboard:
         self._apply_filters(bridge)
 
     def _delete_packet_filter(self, name: str, filter_name: str) -> str:
-        bridge = self._bridge(name)
+        self.delete_filter(self._bridge(name), filter_name)
+        return f"Filter '{filter_name}' delete from bridge '{name}'"
+
+    def delete_filter(self, bridge: Bridge, filter_name: str) -> None:
         kept = [f for f in bridge.filters if f.name != filter_name]
         if len(kept) == len(bridge.filters):
             raise ControlError(Code.CREATE, f"Failed to delete filter '{filter_name}'")
         bridge.filters = kept
         self._apply_filters(bridge)
-        return f"Filter '{filter_name}' delete from bridge '{name}'"
 
     def _reset_packet_filters(self, name: str) -> str:
-        bridge = self._bridge(name)
-        bridge.filters = []
-        self._apply_filters(bridge)
+        self.reset_filters(self._bridge(name))
         return "OK"
 
+    def reset_filters(self, bridge: Bridge) -> None:
+        bridge.filters = []
+        self._apply_filters(bridge)
+
     def _set_pcap_filter(self, name: str, expression: str = "") -> str:
-        self._bridge(name)
+        """ubridge's capture filter on the bridge's (first) Ethernet NIO: what the interface
+        hands over must match EXPR (the kernel filters it, as libpcap does); none: reset."""
+        bridge = self._bridge(name)
+        if "Ethernet" not in bridge.nio_kinds:
+            raise ControlError(
+                Code.CREATE,
+                f"bridge {name} must have at least one Ethernet NIO in order to apply a filter",
+            )
+        index = bridge.nio_kinds.index("Ethernet")
+        program = None
         if expression:
-            raise ControlError(Code.CREATE, "capture filters on Ethernet NIOs are not supported")
+            try:
+                program = bpf.compile_filter(expression, int(LinkType.ETHERNET))
+            except bpf.FilterError as exc:
+                nio = ("source", "destination")[index]
+                raise ControlError(
+                    Code.CREATE, f"unable to apply filter on bridge {name} ({nio} NIO): {exc}"
+                ) from None
+        bridge.pcap_filter = (index, expression, program) if program else None
+        if bridge.link is not None:
+            bridge.link.ends[index].set_filter(program)  # type: ignore[attr-defined]
+        if expression:
+            return f"filter '{expression}' applied on bridge '{name}'"
         return f"filter reset on bridge '{name}'"
+
+    def _new_filter(
+        self, bridge: Bridge, filter_name: str, direction: str, kind: str, args: tuple[str, ...]
+    ) -> Impairment:
+        """A filter's impairment, checked; `bpf "EXPR" [LINKTYPE]` is compiled for the link's
+        encapsulation (LINKTYPE, as ubridge takes it, tells it when unknown)."""
+        if kind != "bpf":
+            return _impairment(filter_name, direction, kind, args)
+        failed = f"Failed to add filter '{filter_name}'"
+        if len(args) not in (1, 2):
+            raise ControlError(Code.CREATE, f'{failed}: expected bpf "EXPRESSION" [LINKTYPE]')
+        if len(args) == 2:
+            told = _linktype(args[1])
+            known = (bridge.link.linktype if bridge.link else None) or bridge.encapsulation
+            if known not in (None, told):
+                raise ControlError(Code.CREATE, f"{failed}: the link carries {known.short_name}")
+            self._learn_encapsulation(bridge, told)
+        impairment = _impairment(filter_name, direction, kind, args[:1])
+        assert impairment.expression is not None
+        try:
+            bpf.compile_filter(impairment.expression, int(self._filter_linktype(bridge)))
+        except bpf.FilterError as exc:  # GNS3 warns and goes on at "Cannot compile filter"
+            text = f"Cannot compile filter '{impairment.expression}': {exc.reason}"
+            raise ControlError(Code.CREATE, f"{failed}: {text}") from None
+        return impairment
+
+    def _learn_encapsulation(self, bridge: Bridge, linktype: LinkType) -> None:
+        """What the link carries, once a client says it: its bpf filters are compiled for it."""
+        if bridge.encapsulation is None:
+            bridge.encapsulation = linktype
+            self._apply_filters(bridge)
+
+    @staticmethod
+    def _filter_linktype(bridge: Bridge) -> LinkType:
+        """What filter expressions are compiled for: the link's type when known or detected,
+        else Ethernet, as ubridge always does (recompiled once a capture detects it)."""
+        known = bridge.link.linktype if bridge.link else None
+        return known or bridge.encapsulation or LinkType.ETHERNET
 
     def _apply_filters(self, bridge: Bridge) -> None:
         """The link's impairments are the filters in order; every counter restarts at 0."""
         if bridge.link is not None:
-            bridge.link.set_impairments([f.impairment for f in bridge.filters])
+            assumed = bridge.encapsulation or LinkType.ETHERNET
+            bridge.link.set_impairments([f.impairment for f in bridge.filters], assume=assumed)
+
+    # -- docker, brctl: host devices (tunnelscope/nio/netdev.py) ------------------------
+
+    def _create_veth(self, name: str, peer: str) -> Reply:
+        try:
+            checksum_off = netdev.create_veth(name, peer)
+        except netdev.NetdevError as exc:
+            raise ControlError(Code.CREATE, f"could not create veth pair: {exc}") from None
+        info = [] if checksum_off else ["Warning: could not turn off checksum"]
+        return Reply(f"veth pair created: {name} and {peer}", info)
+
+    def _delete_veth(self, name: str) -> str:
+        _host(Code.DELETE, netdev.delete_link, name)
+        return f"veth interface {name} has been deleted"
+
+    def _move_to_ns(self, name: str, pid: str, new_name: str) -> str:
+        _host(Code.CREATE, netdev.move_to_netns, name, pid, new_name)
+        return f"{name} moved to namespace {pid}"
+
+    def _set_mac_addr(self, name: str, mac: str) -> str:
+        _host(Code.CREATE, netdev.set_mac, name, mac)
+        return f"MAC address {mac} has been successfully set on interface {name}"
+
+    def _addif(self, bridge: str, name: str) -> str:
+        _host(Code.CREATE, netdev.add_to_bridge, bridge, name)
+        return f"{name} has been added to bridge {bridge}"
 
     # -- lab: named ends and Dynagen's verbs ----------------------------------------------
 
@@ -758,7 +971,7 @@ class Switchboard:
 
     def _lab_stop_capture(self, device: str, interface: str) -> str:
         bridge, _ = self._lab_bridge(device, interface)
-        return self._end_capture(bridge)
+        return self.end_capture(bridge)
 
     def _lab_filter(self, device: str, interface: str, kind: str, *args: str) -> str:
         """Dynagen's `filter R1 s1/0 freq_drop in 50` (in/out/both as R1 sees them), `... none`.
@@ -782,12 +995,33 @@ class Switchboard:
         word, rest = args[0], args[1:]
         sends, receives = ("a2b", "b2a") if side == 0 else ("b2a", "a2b")
         direction = {"out": sends, "in": receives, "both": "both"}[word]
-        impairment = _impairment(kind, direction, kind, rest)
+        if kind == "bpf":  # the console splits the expression into words
+            rest = (" ".join(rest),) if rest else ()
+        impairment = self._new_filter(bridge, kind, direction, kind, rest)
         assert bridge.ends is not None
         end = bridge.ends[side]
         name = f"{end.device}:{end.interface}:{word}:{impairment.name}"
         self._put_filter(bridge, Filter(name, impairment))
         return f"filter {name} set: {impairment}"
+
+
+def _host(code: int, action: Callable[..., object], *args: str) -> None:
+    """A host device operation; its NetdevError becomes error `code`."""
+    try:
+        action(*args)
+    except netdev.NetdevError as exc:
+        raise ControlError(code, str(exc)) from None
+
+
+def _interface(bridge: str, kind: str, name: str) -> str:
+    """An interface name as the kernel takes it; never IFNAME@NETNS (the control port
+    reaches no namespace by name)."""
+    try:
+        return netdev.check_name(name)
+    except netdev.NetdevError as exc:
+        raise ControlError(
+            Code.CREATE, f"unable to create NIO {kind} for bridge '{bridge}': {exc}"
+        ) from None
 
 
 def _what(f: Filter) -> str:
@@ -818,10 +1052,6 @@ def _format(path: str, fmt: str) -> bool:
 
 
 def _impairment(filter_name: str, direction: str, kind: str, args: tuple[str, ...]) -> Impairment:
-    if kind == "bpf":
-        raise ControlError(
-            Code.CREATE, f"Failed to add filter '{filter_name}': bpf filters are not supported"
-        )
     if direction not in ("a2b", "b2a", "both"):
         raise ControlError(Code.INV_PARAM, f"direction must be a2b, b2a or both, not {direction!r}")
     try:

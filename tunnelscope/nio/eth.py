@@ -12,6 +12,7 @@ bigger than the MTU; switch them off with `ethtool -K IFNAME gro off gso off tso
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import socket
 import struct
@@ -32,6 +33,8 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_IGNORE_OUTGOING = 23
 PACKET_OUTGOING = 4
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
 
 
 def parse(text: str, args: str) -> EthSpec:
@@ -77,6 +80,18 @@ class EthSpec(EndpointSpec):
 
 
 class EthEndpoint(SocketEndpoint):
+    def set_filter(self, program: list[tuple[int, int, int, int]] | None) -> None:
+        """A classic BPF program (code, jt, jf, k) the kernel runs on what the interface
+        hands us, as libpcap's pcap_setfilter does: frames it rejects never arrive. None
+        removes it. Frames already queued were read under the old filter."""
+        if program is None:
+            with contextlib.suppress(OSError):  # ENOENT: there was none
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            return
+        code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+        fprog = struct.pack("HL", len(program), ctypes.addressof(code))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
     def _recv_one(self) -> int:
         size, address = self.sock.recvfrom_into(self._buffer, RECV_BUFFER, socket.MSG_TRUNC)
         return -1 if address[2] == PACKET_OUTGOING else size

@@ -128,6 +128,8 @@ class SocketEndpoint(Endpoint):
             except ConnectionRefusedError:  # an ICMP port unreachable for an earlier send
                 self.counters["refused"] += 1
                 continue
+            except OSError:  # one-shot errors (ENETDOWN: the interface went) clear once read
+                continue
             if size > RECV_BUFFER:
                 self.counters["oversize"] += 1
             elif size >= 0:
