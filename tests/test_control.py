@@ -902,3 +902,103 @@ def test_ethernet_nios_and_set_pcap_filter_as_ubridge(service: Service, kind: st
                 "filter reset on bridge 'br0'"
             ]
             assert deliver([3]) == [3]
+
+
+# --- a recorded GNS3 session, replayed -------------------------------------------------------
+
+GNS3_SESSION = Path(__file__).parent / "data" / "gns3-2.2.61-vpcs-pair.exchange"
+
+
+class ReplayedUbridge:
+    """One recorded ubridge process: a server of its own, fed the recorded lines verbatim."""
+
+    def __init__(self, captures: Path, backend: str) -> None:
+        self.service = Service(captures, backend)
+        host, port = parse_address(self.service.address)
+        self.sock = socket.create_connection((host, port), 10)
+        self.stream = self.sock.makefile("rb")
+
+    def send(self, line: str) -> str:
+        """The final reply line of one request line, exactly as sent on the wire."""
+        self.sock.sendall(line.encode() + b"\n")
+        while True:
+            raw = self.stream.readline().decode()
+            assert raw.endswith("\r\n"), f"{line!r}: the connection closed"
+            if raw[3:4] == "-":
+                return raw[:-2]
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+        self.service.stop()
+
+
+def _frame(kind: str) -> bytes:
+    pc1, pc2 = "00:50:79:66:68:00", "00:50:79:66:68:01"
+    if kind == "arp":
+        packet = peers.Ether(src=pc1, dst="ff:ff:ff:ff:ff:ff") / peers.ARP(
+            psrc="10.77.0.1", pdst="10.77.0.2"
+        )
+    else:
+        packet = peers.Ether(src=pc1, dst=pc2) / peers.IP(src="10.77.0.1", dst="10.77.0.2")
+        packet = packet / peers.ICMP(type=8) / (b"x" * 56)
+    return bytes(packet)
+
+
+@tshark.required
+@pytest.mark.parametrize("backend", available_backends())
+def test_a_recorded_gns3_session_replays_step_by_step(tmp_path: Path, backend: str) -> None:
+    """Every request GNS3 sent gets ubridge's reply code and text (tunnelscope may add detail
+    after it), the link carries frames between the VPCS stand-ins at every step, the bpf filter
+    drops echo requests while ARP passes, and the capture holds what crossed."""
+    projects = tmp_path / "projects"
+    pc1, pc2 = Peer(), Peer()
+    free = iter(peers.free_udp_ports(4))
+    ports = {"port1": pc1.port, "port5": pc2.port}
+    ports.update({f"port{n}": next(free) for n in (0, 2, 3, 4)})
+    pc1.connect(ports["port0"])
+    pc2.connect(ports["port4"])
+    ubridges: dict[str, ReplayedUbridge] = {}
+    passed: list[tuple[str, list[str]]] = []  # (the step after which frames were sent, kinds)
+
+    def crossing(kinds: list[str]) -> list[str]:
+        for kind in kinds:
+            pc1.sock.send(_frame(kind))
+        got = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and len(got) < len(kinds):
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                got.append("arp" if pc2.sock.recv(2048)[12:14] == b"\x08\x06" else "echo")
+        return got
+
+    try:
+        step = reply = ""
+        for number, line in enumerate(GNS3_SESSION.read_text().splitlines(), 1):
+            if line.startswith("#"):
+                continue
+            name, arrow, text = line.split(" ", 2)
+            text = text.format(projects=projects, **ports)
+            if arrow == "<-":
+                if name not in ubridges:
+                    ubridges[name] = ReplayedUbridge(projects, backend)
+                step = text
+                if "start_capture" in text:  # GNS3 makes the project's captures directory
+                    Path(text.split('"')[1]).parent.mkdir(parents=True, exist_ok=True)
+                reply = ubridges[name].send(text)
+                continue
+            assert reply[:4] == text[:4] and reply.startswith(text), f"line {number}: {step}"
+            if name == "ubridge2" and step.startswith("bridge reset_packet_filters"):
+                passed.append((step, crossing(["echo", "arp"])))  # both bridges up: a link
+            elif "filter0 bpf" in step:
+                passed.append((step, crossing(["echo", "echo", "arp"])))
+            elif "filter4 bpf" in step:  # every filter at zero, bpf among them
+                passed.append((step, crossing(["echo", "arp"])))
+    finally:
+        for ubridge in ubridges.values():
+            ubridge.close()
+        pc1.sock.close()
+        pc2.sock.close()
+    assert [kinds for _, kinds in passed] == [["echo", "arp"], ["arp"], ["arp"]], passed
+    [capture] = projects.glob("*/project-files/captures/pc1-pc2.pcap")
+    rows = tshark.fields(str(capture), ["arp.opcode", "icmp.type"])
+    assert [("arp" if row["arp.opcode"] else "echo") for row in rows] == ["arp", "arp"]
