@@ -121,6 +121,12 @@ def test_two_iou_instances_exchange_frames_both_ways(
             "port 0/0:      IN: 0 packets OUT: 5 packets",
             "port 1/0:      IN: 4 packets OUT: 10 packets",
         ]
+        listed = {link["name"]: link for link in client.links()}  # `tunnelscope links`
+        assert sorted(listed) == sorted(f"{n} {p}" for n in (a, b) for p in ("0/0", "1/0"))
+        serial_port = listed[f"{a} 1/0"]
+        assert serial_port["running"] and serial_port["capture"]["path"] == path
+        assert serial_port["encapsulation"] == "hdlc", serial_port
+        assert [serial_port["stats"][d]["forwarded"] for d in ("a2b", "b2a")] == [10, 4]
         client.request("iol_bridge", "reset_stats", a)
         assert "IN: 0 packets OUT: 0 packets" in client.request("iol_bridge", "get_stats", a)[0]
         assert client.request("iol_bridge", "stop_capture", a, "1", "0") == [

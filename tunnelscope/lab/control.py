@@ -921,7 +921,9 @@ class Switchboard:
         return Reply(info=[where] + ([f"token {token}"] if token else []))
 
     def _lab_links(self) -> Reply:
-        return Reply(info=[json.dumps(self.describe(b)) for b in self.bridges.values()])
+        """Every bridge, IOU ports (one bridge each, `NAME BAY/UNIT`) included."""
+        bridges = [*self.bridges.values(), *self.iol.port_bridges()]
+        return Reply(info=[json.dumps(self.describe(b)) for b in bridges])
 
     def describe(self, bridge: Bridge) -> dict[str, Any]:
         """A bridge as `tunnelscope links` and `stats` show it."""

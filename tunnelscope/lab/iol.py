@@ -143,6 +143,10 @@ class IolBridges:
                 self.board.engine.rename_link(old, port.name)
         return f"IOL bridge '{name}' renamed to '{new}'"
 
+    def port_bridges(self) -> list[Bridge]:
+        """The bridge of every port of every IOL bridge, as `lab links` lists them."""
+        return [port for bridge in self.bridges.values() for port in bridge.ports.values()]
+
     def list(self) -> Reply:
         return Reply(info=[f"{b.name} (ports = {len(b.ports)})" for b in self.bridges.values()])
 
