@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from test_decoders_frames import chdlc_frames, ethernet_frames, fr_frames, ppp_frames
@@ -114,3 +115,14 @@ def test_truncated_frames_are_reported_malformed(linktype: LinkType) -> None:
             assert cut.protocols == whole.protocols[: len(cut.protocols)], (size, whole.summary)
         checked += 1
     assert checked >= 3
+
+
+def test_an_ipv6_fragment_header_followed_by_options_is_malformed_not_a_crash() -> None:
+    """Found by `make fuzz`: dpkt's IPv6 parser raises AttributeError on this chain."""
+    fragment = struct.pack("!BBHI", 0, 0, (1 << 3) | 1, 7)  # next: hop-by-hop, offset 8, M
+    hop_by_hop = bytes([59, 0]) + bytes(6)  # next: none
+    header = struct.pack("!IHBB", 6 << 28, len(fragment + hop_by_hop), 44, 64) + bytes(32)
+    frame = b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + header + fragment + hop_by_hop
+    decoded = decode(LinkType.ETHERNET, frame)
+    _check(decoded, LinkType.ETHERNET)
+    assert decoded.malformed and decoded.protocols[-1] == "ipv6"

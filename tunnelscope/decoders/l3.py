@@ -22,7 +22,9 @@ import dpkt
 from tunnelscope.decoders.base import Builder, frame_text, name_of
 
 # dpkt reports short headers with UnpackError; odd option bytes can surface as the others.
-_DPKT_ERRORS = (dpkt.UnpackError, struct.error, IndexError, ValueError)
+# AttributeError: dpkt's IP6 reads `frag_off` of whatever extension header came last when the
+# first one is a fragment header (a fragment header followed by hop-by-hop options).
+_DPKT_ERRORS = (dpkt.UnpackError, struct.error, IndexError, ValueError, AttributeError)
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806
