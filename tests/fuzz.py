@@ -130,7 +130,9 @@ def tpacket3_block(records: list[tuple[int, bytes]], mac: int = TPACKET3_MAC) ->
         length = -(-(mac + len(frame)) // 16) * 16
         following = 0 if number + 1 == len(records) else length
         sec, nsec = divmod(ts, 1_000_000_000)
-        header = struct.pack("=6IHH", following, sec, nsec, len(frame), len(frame), 1, mac, mac + 14)
+        header = struct.pack(
+            "=6IHH", following, sec, nsec, len(frame), len(frame), 1, mac, mac + 14
+        )
         sockaddr = struct.pack("=HHiHBB8s", 17, 0x0800, 1, 772, 0, 6, bytes(8))
         packet = header + bytes(48 - len(header)) + sockaddr
         packets += (packet + bytes(mac - len(packet)) + frame).ljust(length, b"\0")
@@ -246,6 +248,8 @@ def fuzz_tpacket(rng: random.Random, count: int) -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         for _ in range(count):
             picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
+            if rng.random() < 0.5:
+                picked = [(t, mutate(rng, d, datas)) for t, d in picked]
             fragments = rng if rng.random() < 0.3 else None
             records = host_records(picked, rng.random() < 0.3, fragments)
             blocks = tpacket3_blocks(records, rng.randrange(1, 8)) or [tpacket3_block([])]

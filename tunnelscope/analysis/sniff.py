@@ -16,7 +16,9 @@ one or two VLAN tags. When every block is full the kernel drops packets and coun
 absorbs longer bursts.
 
 On loopback the kernel shows a packet to packet sockets twice (leaving and arriving);
-PACKET_IGNORE_OUTGOING keeps one copy, as libpcap does. Timestamps are the kernel's, in ns.
+PACKET_IGNORE_OUTGOING keeps one copy, as libpcap does. Timestamps are the kernel's, in ns: with
+SO_TIMESTAMPNS on, the time each packet arrived (skb->tstamp), which every other tap on the
+host sees too, rather than the time the ring's tap ran.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ TPACKET_V3 = 2
 TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
 BLOCK_STATUS = 8  # offset of block_status in struct tpacket_block_desc
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 DLT_RAW = 12  # what libpcap calls LINKTYPE_RAW (101) when it compiles
-BPF_MAXINSNS = 4096  # the longest program the kernel takes
+MAX_PORT_TERMS = 150  # about 23 instructions each: within the kernel's 4096 per program
 
 BLOCK_SIZE = 256 << 10  # holds any frame (loopback's MTU is 65536) and ~1300 small ones
 RETIRE_MS = 20  # a block holding packets is handed over at the latest this long after it opened
@@ -163,6 +166,7 @@ def _open(interface: str) -> tuple[socket.socket, LinkType]:
             sock.bind((interface, 0))
         if hatype == ARPHRD_LOOPBACK:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # arrival times, not ring times
     except OSError as exc:
         sock.close()
         raise SniffError(f"cannot sniff {interface}: {exc.strerror or exc}") from None
@@ -184,21 +188,19 @@ def _map_ring(sock: socket.socket, block_count: int) -> mmap.mmap:
 def capture_program(ports: frozenset[int] | None, linktype: LinkType) -> Program | None:
     """The kernel's filter: UDP of `ports` (any UDP when None: decap's own rules decide),
     every IPv4 fragment, IPv6 packets whose UDP header may follow extension headers or a
-    fragment header, and on Ethernet the same behind one or two VLAN tags. None without
-    libpcap (the scanner filters anyway); too many disjoint ports for the kernel's limit on
-    program length fall back to any UDP."""
-    dlt = 1 if linktype == LinkType.ETHERNET else DLT_RAW
+    fragment header, and on Ethernet the same behind one or two VLAN tags. More disjoint
+    ports than the kernel's limit on program length allows: any UDP. None without libpcap
+    (the scanner filters anyway)."""
+    terms = _port_terms(ports) if ports else []
+    expression = _filter_expression(terms if len(terms) <= MAX_PORT_TERMS else [], linktype)
     try:
-        program = compile_filter(_filter_expression(ports, linktype), dlt)
-        if len(program) > BPF_MAXINSNS:
-            program = compile_filter(_filter_expression(None, linktype), dlt)
+        return compile_filter(expression, 1 if linktype == LinkType.ETHERNET else DLT_RAW)
     except FilterError:
         return None
-    return program
 
 
-def _filter_expression(ports: frozenset[int] | None, linktype: LinkType) -> str:
-    udp = f"udp and ({' or '.join(_port_terms(ports))})" if ports else "udp"
+def _filter_expression(port_terms: list[str], linktype: LinkType) -> str:
+    udp = f"udp and ({' or '.join(port_terms)})" if port_terms else "udp"
     ipv6_more = " or ".join(f"ip6[6] == {header}" for header in (0, 43, 44, 60))
     ip = f"({udp}) or (ip and ip[6:2] & 0x3fff != 0) or (ip6 and ({ipv6_more}))"
     if linktype != LinkType.ETHERNET:
