@@ -9,8 +9,9 @@ them there, after every packet tap saw them). Each run measures, one after the o
 order alternates from run to run), pinned to CPU 1:
   tcpdump   tcpdump -i lo -w OUT.pcap udp port B   (libpcap's TPACKET_V3 ring, no decap)
   sniff     tunnelscope sniff --ports A,B -w OUT.pcapng   (its ring, decap in C)
-Figures per tool, medians of --runs: frames kept / offered (tcpdump's "captured", sniff's
-"written"; offered = what blast sent), the kernel's drops (each tool's own report), CPU seconds
+Figures per tool, medians of --runs: the offered rate (what blast sent, per second: below
+--rate when the machine is busy), frames kept (tcpdump's "captured", sniff's "written") and
+their share of those offered, the kernel's drops (each tool's own report), CPU seconds
 over the traffic window (its threads' schedstat, from just before the first frame to 0.5 s after
 the last), microseconds of CPU per frame kept, and sniff's ratio to tcpdump's. Targets: sniff
 keeps every frame tcpdump keeps, with CPU per frame <= 2x tcpdump's. Needs root and tcpdump;
@@ -51,6 +52,10 @@ class Sample:
     kept: int
     drops: int
     cpu: float
+
+    @property
+    def share(self) -> float:
+        return self.kept / self.offered if self.offered else 0.0
 
     @property
     def us_per_frame(self) -> float:
@@ -111,26 +116,24 @@ def measure(tool: str, args: argparse.Namespace, workdir: Path) -> Sample:
     return Sample(offered, kept, drops, cpu)
 
 
-def report(samples: dict[str, list[Sample]]) -> str:
+def report(samples: dict[str, list[Sample]], seconds: float) -> str:
     def median(tool: str, figure: str) -> float:
         return statistics.median(getattr(s, figure) for s in samples[tool])
 
     lines = [
-        f"{'tool':8} {'offered':>9} {'kept':>9} {'kept/offered':>13} {'kernel drops':>13} "
+        f"{'tool':8} {'offered/s':>10} {'kept':>9} {'kept/offered':>13} {'kernel drops':>13} "
         f"{'CPU s':>7} {'us/frame':>9} {'ratio':>6}"
     ]
     base = median("tcpdump", "us_per_frame")
     for tool in TOOLS:
-        offered, kept = median(tool, "offered"), median(tool, "kept")
         us = median(tool, "us_per_frame")
         lines.append(
-            f"{tool:8} {offered:9.0f} {kept:9.0f} {kept / offered:13.4f} "
-            f"{median(tool, 'drops'):13.0f} {median(tool, 'cpu'):7.3f} {us:9.3f} {us / base:6.2f}"
+            f"{tool:8} {median(tool, 'offered') / seconds:10.0f} {median(tool, 'kept'):9.0f} "
+            f"{median(tool, 'share'):13.4f} {median(tool, 'drops'):13.0f} "
+            f"{median(tool, 'cpu'):7.3f} {us:9.3f} {us / base:6.2f}"
         )
     ratio = median("sniff", "us_per_frame") / base
-    keeps = median("sniff", "kept") / median("sniff", "offered") >= min(
-        1.0, median("tcpdump", "kept") / median("tcpdump", "offered")
-    )
+    keeps = median("sniff", "share") >= median("tcpdump", "share")
     lines.append(
         f"targets: sniff keeps every frame tcpdump keeps: {'met' if keeps else 'MISSED'}; "
         f"CPU per frame {ratio:.2f}x tcpdump's (<= {TARGET_CPU_RATIO}): "
@@ -163,7 +166,7 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-    print(report(samples))
+    print(report(samples, args.seconds))
 
 
 if __name__ == "__main__":
