@@ -21,6 +21,7 @@ A failing input is written to build/fuzz/ and its reproducer printed; the exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import os
@@ -31,12 +32,12 @@ import tempfile
 import time
 import traceback
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tunnelscope.analysis.decap import Decap, Options, c_scanner_available
+from tunnelscope.analysis.decap import Decap, Options, Summary, c_scanner_available
 from tunnelscope.decoders import decode
 from tunnelscope.formats import pcap, pcapng
 from tunnelscope.formats.capture import CaptureError, open_capture, read_capture
@@ -220,19 +221,13 @@ def fuzz_readers(rng: random.Random, count: int) -> None:
 
 
 def fuzz_decap(rng: random.Random, count: int) -> None:
-    if not c_scanner_available():
-        raise SystemExit("fuzz decap: the C scanner is not built (pip install -e .)")
     frames = seed_frames()
-    datas = [data for _, data in frames]
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+    with _differential("decap") as tmp:
         for _ in range(count):
-            picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
-            if rng.random() < 0.5:
-                picked = [(t, mutate(rng, d, datas)) for t, d in picked]
-            fragments = rng if rng.random() < 0.3 else None
+            picked, fragments = _picked(rng, frames)
             data = host_capture(picked, rng.random() < 0.5, rng.random() < 0.3, fragments)
             if rng.random() < 0.5:
-                data = mutate(rng, data, datas)
+                data = mutate(rng, data, [data for _, data in frames])
             dedupe = rng.random() < 0.3
             results = [_decap(data, use_c, dedupe, f"{tmp}/out.pcapng") for use_c in (True, False)]
             if results[0] != results[1]:
@@ -241,16 +236,10 @@ def fuzz_decap(rng: random.Random, count: int) -> None:
 
 def fuzz_tpacket(rng: random.Random, count: int) -> None:
     """Live ring blocks (sniff): host frames packed into TPACKET_V3 blocks, then mutated."""
-    if not c_scanner_available():
-        raise SystemExit("fuzz tpacket: the C scanner is not built (pip install -e .)")
     frames = seed_frames()
-    datas = [data for _, data in frames]
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+    with _differential("tpacket") as tmp:
         for _ in range(count):
-            picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
-            if rng.random() < 0.5:
-                picked = [(t, mutate(rng, d, datas)) for t, d in picked]
-            fragments = rng if rng.random() < 0.3 else None
+            picked, fragments = _picked(rng, frames)
             records = host_records(picked, rng.random() < 0.3, fragments)
             blocks = tpacket3_blocks(records, rng.randrange(1, 8)) or [tpacket3_block([])]
             if rng.random() < 0.7:
@@ -266,32 +255,49 @@ def fuzz_tpacket(rng: random.Random, count: int) -> None:
                 raise Found(f"C and Python scanners differ on ring blocks: {results}", *blocks)
 
 
-def _ring_decap(blocks: list[bytes], options: Options, out: str) -> tuple[object, ...]:
-    """What one scanner made of ring blocks: the summary or the error, and the output bytes."""
-    job = Decap(out, None, options)
-    try:
-        summary = asdict(job.run_blocks(blocks, LinkType.ETHERNET))  # type: ignore[arg-type]
-        summary.pop("backend", None)
-        result: object = summary
-    except (CaptureFormatError, CaptureError) as exc:
-        result = f"{type(exc).__name__}: {exc}"
-    except Exception as exc:
-        raise Found(f"use_c={options.use_c}: {traceback.format_exc()}", *blocks) from exc
-    with open(out, "rb") as written:
-        return result, written.read()
+@contextlib.contextmanager
+def _differential(target: str) -> Iterator[str]:
+    """A scratch directory for a target that compares the C and the Python scanner."""
+    if not c_scanner_available():
+        raise SystemExit(f"fuzz {target}: the C scanner is not built (pip install -e .)")
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        yield tmp
+
+
+def _picked(
+    rng: random.Random, frames: list[tuple[int, bytes]]
+) -> tuple[list[tuple[int, bytes]], random.Random | None]:
+    """A few seed frames, half the time mutated, and whether to fragment them (an rng)."""
+    picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
+    if rng.random() < 0.5:
+        picked = [(t, mutate(rng, d, [data for _, data in frames])) for t, d in picked]
+    return picked, rng if rng.random() < 0.3 else None
 
 
 def _decap(data: bytes, use_c: bool, dedupe: bool, out: str) -> tuple[object, ...]:
     """What one scanner made of `data`: the summary or the error, and the output bytes."""
-    job = Decap(out, None, Options(dedupe=dedupe, use_c=use_c))
+    options = Options(dedupe=dedupe, use_c=use_c)
+    return _outcome(lambda job: job.run(io.BytesIO(data)), options, out, data)
+
+
+def _ring_decap(blocks: list[bytes], options: Options, out: str) -> tuple[object, ...]:
+    """The same for ring blocks."""
+    ethernet = LinkType.ETHERNET
+    return _outcome(lambda job: job.run_blocks(blocks, ethernet), options, out, *blocks)
+
+
+def _outcome(
+    run: Callable[[Decap], Summary], options: Options, out: str, *inputs: bytes
+) -> tuple[object, ...]:
+    job = Decap(out, None, options)
     try:
-        summary = asdict(job.run(io.BytesIO(data)))
+        summary = asdict(run(job))
         summary.pop("backend", None)
         result: object = summary
     except (CaptureFormatError, CaptureError) as exc:
         result = f"{type(exc).__name__}: {exc}"
     except Exception as exc:
-        raise Found(f"use_c={use_c}: {traceback.format_exc()}", data) from exc
+        raise Found(f"use_c={options.use_c}: {traceback.format_exc()}", *inputs) from exc
     with open(out, "rb") as written:
         return result, written.read()
 

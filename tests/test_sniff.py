@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -19,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import ContextManager
 
 import peers
 import pytest
@@ -39,6 +40,7 @@ from tunnelscope.formats.capture import open_capture
 from tunnelscope.formats.linktype import LinkType
 
 pytestmark = pytest.mark.timeout(120)
+needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="no tcpdump")
 needs_c = pytest.mark.skipif(not decap_module.c_scanner_available(), reason="no C scanner")
 BACKENDS = [pytest.param(True, marks=needs_c, id="c"), pytest.param(False, id="python")]
 TUNNEL_PORTS = frozenset((10001, 10002))  # what fuzz.host_records sends between
@@ -184,26 +186,9 @@ def test_the_kernel_filter_keeps_tunnels_fragments_and_vlans_only():
 # Live ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def started(command: list[str], log: Path, ready: str) -> Iterator[subprocess.Popen]:
-    """A process once `ready` shows in its stderr; SIGINT at exit (killed if it hangs)."""
-    with open(log, "w+") as err:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            deadline = time.monotonic() + 30
-            while ready not in log.read_text() and time.monotonic() < deadline:
-                assert process.poll() is None, log.read_text()
-                time.sleep(0.05)
-            assert ready in log.read_text()
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def started(command: list[str], log: Path, words: str) -> ContextManager[subprocess.Popen]:
+    """The process once `words` show in its stderr (peers.started)."""
+    return peers.started(command, log, lambda: words in log.read_text())
 
 
 def send_tunnels(links: list[tuple[int, int, list[bytes]]], rounds: int, pause: float) -> int:
@@ -236,6 +221,7 @@ def tshark_frames(path: Path) -> list[tuple[str, ...]]:
 
 @peers.needs_root
 @tshark.required
+@needs_tcpdump
 @pytest.mark.timeout(180)
 def test_sniff_writes_what_decap_makes_of_tcpdumps_capture(tmp_path: Path):
     """Both backends of sniff and tcpdump on the same loopback traffic (four link types, a
