@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install everything tunnelscope's demo and tests need on a fresh Debian machine. Idempotent.
-# Debian packages: tshark (the judge of every file), vpcs (a real peer), iproute2 (network
-# namespaces), gcc + Python headers (the C fast path). Python: a venv in .venv with the
-# package (its C extensions compiled) and the dev tools; a GNS3 server in .venv-gns3.
+# Debian packages: tshark (the judge of every file), tcpdump (what decap and sniff are held
+# to), vpcs (a real peer), iproute2 (network namespaces), gcc + Python headers (the C fast
+# path). Python: a venv in .venv with the package (its C extensions compiled) and the dev
+# tools; a GNS3 server in .venv-gns3.
 #
 # One progress line per step; what the installers print goes to .install.log, shown only when a
 # step fails.
@@ -35,6 +36,7 @@ apt_install() {
 
 packages=()
 command -v tshark >/dev/null || packages+=(tshark)
+command -v tcpdump >/dev/null || packages+=(tcpdump)
 command -v vpcs >/dev/null || packages+=(vpcs)
 command -v ip >/dev/null || packages+=(iproute2)
 command -v ping >/dev/null || packages+=(iputils-ping)

@@ -5,6 +5,8 @@ Targets (each input must end in a result or the one documented error, never anyt
   readers   capture files -> `read_capture`: packets, or CaptureFormatError
   decap     host captures of tunnels -> the C and the Python decap scanners: the same output
             bytes, the same summary, or the same error (a differential test)
+  tpacket   the same frames in TPACKET_V3 blocks of a live ring (sniff) -> both scanners'
+            scan_tpacket3, differentially; damaged blocks end in the same error
   control   request lines -> `handle_line`: a reply, never an exception; what reaches a
             command is words without control characters (C0, DEL, C1)
 
@@ -19,6 +21,8 @@ A failing input is written to build/fuzz/ and its reproducer printed; the exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import io
 import os
 import random
@@ -28,12 +32,12 @@ import tempfile
 import time
 import traceback
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tunnelscope.analysis.decap import Decap, Options, c_scanner_available
+from tunnelscope.analysis.decap import Decap, Options, Summary, c_scanner_available
 from tunnelscope.decoders import decode
 from tunnelscope.formats import pcap, pcapng
 from tunnelscope.formats.capture import CaptureError, open_capture, read_capture
@@ -83,10 +87,21 @@ def host_capture(
     ipv6: bool,
     fragments: random.Random | None = None,
 ) -> bytes:
-    """What tcpdump on the host sees of these lab frames: each one a UDP datagram between
-    two tunnel ports, both ways, over Ethernet; with `fragments`, each datagram cut into IP
-    fragments sent in a random order (some repeated, some missing)."""
-    records = []
+    """What tcpdump on the host writes of these lab frames (see `host_records`)."""
+    records = host_records(frames, ipv6, fragments)
+    if as_pcapng:
+        head = pcapng.section_header() + pcapng.interface_description(1, "lo")
+        return head + b"".join(pcapng.enhanced_packet(0, t, f, len(f)) for t, f in records)
+    return pcap.global_header(1) + b"".join(pcap.record(t, f) for t, f in records)
+
+
+def host_records(
+    frames: list[tuple[int, bytes]], ipv6: bool, fragments: random.Random | None = None
+) -> list[tuple[int, bytes]]:
+    """(ns, Ethernet frame) the host sees of these lab frames: each one a UDP datagram between
+    two tunnel ports, both ways; with `fragments`, each datagram cut into IP fragments sent in
+    a random order (some repeated, some missing)."""
+    records: list[tuple[int, bytes]] = []
     for number, (_, frame) in enumerate(frames):
         ports = (10001, 10002) if number % 2 else (10002, 10001)
         udp = struct.pack(">HHHH", *ports, 8 + len(frame), 0) + frame
@@ -101,10 +116,34 @@ def host_capture(
         pieces = [ip] if fragments is None else fragmented(fragments, ip, ipv6, number)
         for piece in pieces:
             records.append((1_700_000_000_000_000_000 + len(records) * 1_000_000, ether + piece))
-    if as_pcapng:
-        head = pcapng.section_header() + pcapng.interface_description(1, "lo")
-        return head + b"".join(pcapng.enhanced_packet(0, t, f, len(f)) for t, f in records)
-    return pcap.global_header(1) + b"".join(pcap.record(t, f) for t, f in records)
+    return records
+
+
+TPACKET3_MAC = 82  # where the kernel puts a 14-byte Ethernet header: tp_net 96 - 14
+
+
+def tpacket3_block(records: list[tuple[int, bytes]], mac: int = TPACKET3_MAC) -> bytes:
+    """The TPACKET_V3 block a kernel ring would hand over holding these (ns, frame) records:
+    tpacket_block_desc, then per packet a tpacket3_hdr (with its sockaddr_ll after it) and
+    the frame at tp_mac, each 16-byte aligned; the last packet's next offset is 0."""
+    first, packets = 48, b""
+    for number, (ts, frame) in enumerate(records):
+        length = -(-(mac + len(frame)) // 16) * 16
+        following = 0 if number + 1 == len(records) else length
+        sec, nsec = divmod(ts, 1_000_000_000)
+        header = struct.pack(
+            "=6IHH", following, sec, nsec, len(frame), len(frame), 1, mac, mac + 14
+        )
+        sockaddr = struct.pack("=HHiHBB8s", 17, 0x0800, 1, 772, 0, 6, bytes(8))
+        packet = header + bytes(48 - len(header)) + sockaddr
+        packets += (packet + bytes(mac - len(packet)) + frame).ljust(length, b"\0")
+    descriptor = struct.pack("=3I3IQ4I", 1, 0, 1, len(records), first, first + len(packets), 1,
+                             0, 0, 0, 0)  # fmt: skip
+    return descriptor + packets
+
+
+def tpacket3_blocks(records: list[tuple[int, bytes]], per_block: int) -> list[bytes]:
+    return [tpacket3_block(records[n : n + per_block]) for n in range(0, len(records), per_block)]
 
 
 def fragmented(rng: random.Random, ip: bytes, ipv6: bool, ident: int) -> list[bytes]:
@@ -182,36 +221,83 @@ def fuzz_readers(rng: random.Random, count: int) -> None:
 
 
 def fuzz_decap(rng: random.Random, count: int) -> None:
-    if not c_scanner_available():
-        raise SystemExit("fuzz decap: the C scanner is not built (pip install -e .)")
     frames = seed_frames()
-    datas = [data for _, data in frames]
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+    with _differential("decap") as tmp:
         for _ in range(count):
-            picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
-            if rng.random() < 0.5:
-                picked = [(t, mutate(rng, d, datas)) for t, d in picked]
-            fragments = rng if rng.random() < 0.3 else None
+            picked, fragments = _picked(rng, frames)
             data = host_capture(picked, rng.random() < 0.5, rng.random() < 0.3, fragments)
             if rng.random() < 0.5:
-                data = mutate(rng, data, datas)
+                data = mutate(rng, data, [data for _, data in frames])
             dedupe = rng.random() < 0.3
             results = [_decap(data, use_c, dedupe, f"{tmp}/out.pcapng") for use_c in (True, False)]
             if results[0] != results[1]:
                 raise Found(f"C and Python scanners differ (dedupe={dedupe}): {results}", data)
 
 
+def fuzz_tpacket(rng: random.Random, count: int) -> None:
+    """Live ring blocks (sniff): host frames packed into TPACKET_V3 blocks, then mutated."""
+    frames = seed_frames()
+    with _differential("tpacket") as tmp:
+        for _ in range(count):
+            picked, fragments = _picked(rng, frames)
+            records = host_records(picked, rng.random() < 0.3, fragments)
+            blocks = tpacket3_blocks(records, rng.randrange(1, 8)) or [tpacket3_block([])]
+            if rng.random() < 0.7:
+                at = rng.randrange(len(blocks))
+                blocks[at] = mutate(rng, blocks[at], blocks)
+            ports = frozenset((10001, 10002)) if rng.random() < 0.5 else None
+            options = Options(ports=ports, dedupe=rng.random() < 0.3)
+            results = [
+                _ring_decap(blocks, dataclasses.replace(options, use_c=use_c), f"{tmp}/out.pcapng")
+                for use_c in (True, False)
+            ]
+            if results[0] != results[1]:
+                raise Found(f"C and Python scanners differ on ring blocks: {results}", *blocks)
+
+
+@contextlib.contextmanager
+def _differential(target: str) -> Iterator[str]:
+    """A scratch directory for a target that compares the C and the Python scanner."""
+    if not c_scanner_available():
+        raise SystemExit(f"fuzz {target}: the C scanner is not built (pip install -e .)")
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        yield tmp
+
+
+def _picked(
+    rng: random.Random, frames: list[tuple[int, bytes]]
+) -> tuple[list[tuple[int, bytes]], random.Random | None]:
+    """A few seed frames, half the time mutated, and whether to fragment them (an rng)."""
+    picked = rng.sample(frames, min(len(frames), rng.randrange(1, 12)))
+    if rng.random() < 0.5:
+        picked = [(t, mutate(rng, d, [data for _, data in frames])) for t, d in picked]
+    return picked, rng if rng.random() < 0.3 else None
+
+
 def _decap(data: bytes, use_c: bool, dedupe: bool, out: str) -> tuple[object, ...]:
     """What one scanner made of `data`: the summary or the error, and the output bytes."""
-    job = Decap(out, None, Options(dedupe=dedupe, use_c=use_c))
+    options = Options(dedupe=dedupe, use_c=use_c)
+    return _outcome(lambda job: job.run(io.BytesIO(data)), options, out, data)
+
+
+def _ring_decap(blocks: list[bytes], options: Options, out: str) -> tuple[object, ...]:
+    """The same for ring blocks."""
+    ethernet = LinkType.ETHERNET
+    return _outcome(lambda job: job.run_blocks(blocks, ethernet), options, out, *blocks)
+
+
+def _outcome(
+    run: Callable[[Decap], Summary], options: Options, out: str, *inputs: bytes
+) -> tuple[object, ...]:
+    job = Decap(out, None, options)
     try:
-        summary = asdict(job.run(io.BytesIO(data)))
+        summary = asdict(run(job))
         summary.pop("backend", None)
         result: object = summary
     except (CaptureFormatError, CaptureError) as exc:
         result = f"{type(exc).__name__}: {exc}"
     except Exception as exc:
-        raise Found(f"use_c={use_c}: {traceback.format_exc()}", data) from exc
+        raise Found(f"use_c={options.use_c}: {traceback.format_exc()}", *inputs) from exc
     with open(out, "rb") as written:
         return result, written.read()
 
@@ -253,6 +339,7 @@ TARGETS: dict[str, Callable[[random.Random, int], None]] = {
     "decoders": fuzz_decoders,
     "readers": fuzz_readers,
     "decap": fuzz_decap,
+    "tpacket": fuzz_tpacket,
     "control": fuzz_control,
 }
 

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import pytest
@@ -109,6 +110,28 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
             return False
         time.sleep(interval)
     return True
+
+
+@contextlib.contextmanager
+def started(command: list[str], log: Path, ready: Callable[[], bool]) -> Iterator[subprocess.Popen]:
+    """A process, once `ready()`; SIGINT at exit, killed if it hangs."""
+    with open(log, "w+") as err:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not ready() and time.monotonic() < deadline:
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.1)
+            assert ready(), log.read_text()
+            yield process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def receive(

@@ -8,10 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import peers
@@ -74,28 +73,6 @@ def frames(path: Path) -> list[bytes]:
         return [bytes(packet.data) for packet in reader]
 
 
-@contextlib.contextmanager
-def started(command: list[str], log: Path, ready: Callable[[], bool]) -> Iterator[subprocess.Popen]:
-    """A process, once `ready()`; SIGINT at exit, killed if it hangs."""
-    with open(log, "w+") as err:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            deadline = time.monotonic() + 30
-            while not ready() and time.monotonic() < deadline:
-                assert process.poll() is None, log.read_text()
-                time.sleep(0.1)
-            assert ready(), log.read_text()
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @peers.needs_root
 @peers.needs_vpcs
 @pytest.mark.timeout(240)
@@ -128,10 +105,10 @@ def test_decap_and_sniff_of_a_1500_byte_link_recover_every_frame_the_bridge_forw
 
         with contextlib.ExitStack() as stack:
             listening = says("tcpdump", "listening on")
-            stack.enter_context(started(tcpdump, logs["tcpdump"], listening))
+            stack.enter_context(peers.started(tcpdump, logs["tcpdump"], listening))
             sniffing = says("sniff", "sniffing on")
-            sniffer = stack.enter_context(started(sniff, logs["sniff"], sniffing))
-            stack.enter_context(started(bridge, logs["bridge"], bound))
+            sniffer = stack.enter_context(peers.started(sniff, logs["sniff"], sniffing))
+            stack.enter_context(peers.started(bridge, logs["bridge"], bound))
             pc1 = stack.enter_context(peers.VPCS(pc1_port, bridge_a, 1, 0, "127.0.0.1",
                                                  host_a.name))  # fmt: skip
             pc2 = stack.enter_context(peers.VPCS(pc2_port, bridge_b, 2, 0, "10.78.0.1",

@@ -3,9 +3,10 @@
  * Copies the UDP payloads of known tunnel flows from input capture records (classic pcap or
  * pcapng, outer link types Ethernet, Linux SLL/SLL2, raw IP) to output records (pcapng EPBs
  * or classic pcap records) without running Python per frame, and hands every frame of an
- * unknown flow back to Python. `tunnelscope.analysis.decap.PyScanner` is the pure-Python twin of
- * `Scanner`: same arguments, same results, same bytes; the module documentation of
- * tunnelscope/analysis/decap.py describes what both do.
+ * unknown flow back to Python; it walks the blocks of a live TPACKET_V3 packet ring in place
+ * too (`scan_tpacket3`, for `tunnelscope sniff`). `tunnelscope.analysis.decap.PyScanner` is
+ * the pure-Python twin of `Scanner`: same arguments, same results, same bytes; the module
+ * documentation of tunnelscope/analysis/decap.py describes what both do.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
+#include <limits.h>
 
 enum { NEED_MORE = 0, FRAME = 1, BLOCK = 2 };
 enum { LOC_NOT_UDP = 0, LOC_FRAGMENT = 1, LOC_UDP = 2 };
@@ -906,6 +908,71 @@ static PyObject *scan_pcapng(Scanner *s, const uint8_t *buf, Py_ssize_t pos, Py_
     return Py_BuildValue("(inO)", NEED_MORE, pos, Py_None);
 }
 
+/* ---- TPACKET_V3 blocks: a live packet ring (tunnelscope/analysis/sniff.py) ---------------- */
+
+#define BLOCK_DESC_LEN 48 /* struct tpacket_block_desc */
+#define TPACKET3_HDR_LEN 48 /* struct tpacket3_hdr */
+
+static inline uint32_t ld32(const uint8_t *p) /* host byte order, as the kernel writes */
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint16_t ld16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* The packets of one block from number `index` on (decap.PyScanner.scan_tpacket3): the block
+ * descriptor gives the count and the first packet's offset, each tpacket3_hdr the offset of
+ * the next, its time, and where its frame starts (tp_mac) and how much of it the ring holds
+ * (tp_snaplen). Stops after the packet that brings `written` to `stop_at`. */
+static PyObject *scan_tpacket3(Scanner *s, const uint8_t *b, Py_ssize_t len, Py_ssize_t index,
+                               unsigned long long stop_at)
+{
+    if (!s->n_ifaces) {
+        PyErr_SetString(PyExc_ValueError, "no interface declared");
+        return NULL;
+    }
+    if (len < BLOCK_DESC_LEN)
+        return PyErr_Format(PyExc_ValueError, "truncated TPACKET_V3 block (%zd bytes)", len);
+    uint32_t count = ld32(b + 12), linktype = s->ifaces[0].linktype;
+    uint64_t at = ld32(b + 16), end = (uint64_t)len;
+    for (uint32_t i = 0; i < count; i++) {
+        if (at + TPACKET3_HDR_LEN > end)
+            return PyErr_Format(PyExc_ValueError, "TPACKET_V3 packet %u lies past the block end",
+                                i + 1);
+        const uint8_t *h = b + at;
+        uint32_t next = ld32(h), caplen = ld32(h + 12), mac = ld16(h + 24);
+        if (at + mac + caplen > end)
+            return PyErr_Format(PyExc_ValueError, "TPACKET_V3 packet %u runs past the block end",
+                                i + 1);
+        if (caplen > s->limit)
+            return PyErr_Format(PyExc_ValueError, "frame %llu: caplen %u above the %u-byte limit",
+                                s->frames + 1, caplen, s->limit);
+        if (i + 1 < count && next < TPACKET3_HDR_LEN)
+            return PyErr_Format(PyExc_ValueError, "TPACKET_V3 packet %u: bad next offset %u",
+                                i + 1, next);
+        if ((Py_ssize_t)i >= index) {
+            Udp u;
+            uint64_t ts = (uint64_t)ld32(h + 4) * 1000000000u + ld32(h + 8);
+            int dup = 0, r = process(s, h + mac, caplen, linktype, ts, &u, &dup);
+            if (r < 0)
+                return NULL;
+            if (r)
+                return frame_event((Py_ssize_t)i + 1, ts, &u, dup);
+            if (s->written >= stop_at)
+                return Py_BuildValue("(inO)", NEED_MORE, (Py_ssize_t)i + 1, Py_None);
+        }
+        at += next;
+    }
+    return Py_BuildValue("(inO)", NEED_MORE, (Py_ssize_t)count, Py_None);
+}
+
 /* ---- the Python type ---------------------------------------------------------------------- */
 
 static int Scanner_init(Scanner *s, PyObject *args, PyObject *kwds)
@@ -1187,6 +1254,24 @@ static PyObject *Scanner_scan(Scanner *s, PyObject *args)
     return result;
 }
 
+static PyObject *Scanner_scan_tpacket3(Scanner *s, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t index;
+    unsigned long long stop_at = ULLONG_MAX;
+    if (check_ready(s) < 0 || !PyArg_ParseTuple(args, "y*n|K", &view, &index, &stop_at))
+        return NULL;
+    PyObject *result;
+    if (index < 0) {
+        PyErr_SetString(PyExc_ValueError, "index must not be negative");
+        result = NULL;
+    } else {
+        result = scan_tpacket3(s, view.buf, view.len, index, stop_at);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef Scanner_methods[] = {
     {"set_section", (PyCFunction)Scanner_set_section, METH_O,
      "Byte order of what follows (True: big-endian); forgets the interfaces."},
@@ -1206,6 +1291,8 @@ static PyMethodDef Scanner_methods[] = {
      "write(fds): write the output produced since the last call, stream i to fds[i]."},
     {"scan", (PyCFunction)Scanner_scan, METH_VARARGS,
      "scan(buf, pos, end) -> (event, pos, frame info or None)."},
+    {"scan_tpacket3", (PyCFunction)Scanner_scan_tpacket3, METH_VARARGS,
+     "scan_tpacket3(block, index[, stop_at]) -> (event, index, frame info or None)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -97,6 +97,9 @@ SERVICE_PORTS = frozenset(
 
 # scanner events
 NEED_MORE, FRAME, BLOCK = 0, 1, 2
+NO_STOP = (1 << 64) - 1  # scan_tpacket3's stop_at when there is no frame count
+# TPACKET_V3 (linux/if_packet.h): struct tpacket_block_desc, struct tpacket3_hdr
+BLOCK_DESC_LEN, TPACKET3_HDR_LEN = 48, 48
 # port filter modes
 PORTS_ALL, PORTS_ONLY, PORTS_EXCEPT = 0, 1, 2
 # outer link types the scanner understands
@@ -315,7 +318,8 @@ class PyScanner:
     stream's output or counted as left out; it returns (NEED_MORE, pos of the first incomplete
     record, None), (FRAME, pos after the record, info) for a UDP frame of a flow not in the
     table, or (BLOCK, pos of the block, None) for a pcapng block other than a packet (the
-    caller parses it and resumes after it). Malformed input raises ValueError.
+    caller parses it and resumes after it). `scan_tpacket3` does the same for the packets of
+    a live ring's block (`tunnelscope sniff`). Malformed input raises ValueError.
     """
 
     def __init__(
@@ -456,6 +460,51 @@ class PyScanner:
             if info is not None:
                 return FRAME, pos, info
         return NEED_MORE, pos, None
+
+    def scan_tpacket3(
+        self, block: bytes | bytearray | memoryview, index: int, stop_at: int = NO_STOP
+    ) -> ScanResult:
+        """The packets of one TPACKET_V3 block from number `index` on (a live packet ring): as
+        `scan`, with packet numbers for positions; NEED_MORE once the block is done, or after
+        the packet that brings the `written` counter to `stop_at`."""
+        if index < 0:
+            raise ValueError("index must not be negative")
+        if not self._interfaces:
+            raise ValueError("no interface declared")
+        view = memoryview(block)
+        try:
+            return self._scan_tpacket3(view, index, stop_at)
+        finally:
+            view.release()
+
+    def _scan_tpacket3(self, view: memoryview, index: int, stop_at: int) -> ScanResult:
+        end, linktype = len(view), self._interfaces[0][0]
+        if end < BLOCK_DESC_LEN:
+            raise ValueError(f"truncated TPACKET_V3 block ({end} bytes)")
+        count, at = struct.unpack_from("=II", view, 12)  # num_pkts, offset_to_first_pkt
+        for number in range(1, count + 1):
+            if at + TPACKET3_HDR_LEN > end:
+                raise ValueError(f"TPACKET_V3 packet {number} lies past the block end")
+            following, sec, nsec, caplen = struct.unpack_from("=IIII", view, at)
+            mac = struct.unpack_from("=H", view, at + 24)[0]
+            if at + mac + caplen > end:
+                raise ValueError(f"TPACKET_V3 packet {number} runs past the block end")
+            if caplen > self._limit:
+                raise ValueError(
+                    f"frame {self._counters['frames'] + 1}: caplen {caplen} above the "
+                    f"{self._limit}-byte limit"
+                )
+            if number < count and following < TPACKET3_HDR_LEN:
+                raise ValueError(f"TPACKET_V3 packet {number}: bad next offset {following}")
+            if number > index:
+                ts = sec * 1_000_000_000 + nsec
+                info = self._frame(view, at + mac, caplen, linktype, ts)
+                if info is not None:
+                    return FRAME, number, info
+                if self._counters["written"] >= stop_at:
+                    return NEED_MORE, number, None
+            at += following
+        return NEED_MORE, count, None
 
     def _frame(
         self, view: memoryview, start: int, caplen: int, linktype: int, ts: int
@@ -790,7 +839,6 @@ class Decap:
         self._pcapng_input = False
         self._endian = "<"
         self._out_nanosecond = False
-        self._live = False
 
     def frames_written(self) -> int:
         """Frames written so far (a live run stops after a count of them)."""
@@ -802,30 +850,44 @@ class Decap:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, stream: BinaryIO, live: bool = False) -> Summary:
+    def run(self, stream: BinaryIO) -> Summary:
         """Decap all of `stream`. Raises CaptureFormatError (bad input) or CaptureError (bad
         output); after a bad input record the output is still closed, valid, and holds every
-        frame before it.
-
-        live: `stream` is a live source (`tunnelscope sniff`): each `readinto` returns what
-        has arrived (0 only at its end), and it is processed at once instead of in chunks."""
-        self._live = live
+        frame before it."""
         tap = _HeaderTap(stream)
         reader = read_capture(tap)  # type: ignore[arg-type]
-        self._pcapng_input = reader.format == "pcapng"
-        if self._pcapng_input:
+        if reader.format == "pcapng":
             self._endian = _BYTE_ORDERS[tap.head[8:12]]
-            limit, self._out_nanosecond = MAX_CAPLEN, True
+            self._start(True, MAX_CAPLEN, nanosecond=True)
         else:
             self._endian, tsresol = _PCAP_MAGICS[tap.head[:4]]
             snaplen, linktype = reader.snaplen, reader.interfaces[0].linktype
             limit = min(max(snaplen, 65535), MAX_CAPLEN) if snaplen else MAX_CAPLEN
-            self._out_nanosecond = tsresol == 1
             if linktype not in OUTER_LINKTYPES:
                 raise CaptureFormatError(
                     f"link type {linktype} is not a host capture link type "
                     "(Ethernet, Linux SLL/SLL2 or raw IP)"
                 )
+            self._start(False, limit, nanosecond=tsresol == 1)
+            self.scanner.add_interface(linktype, tsresol, snaplen)
+        self._open_outputs()
+        return self._drive(lambda: self._pump(stream))
+
+    def run_blocks(
+        self, blocks: Iterable[memoryview], linktype: LinkType, count: int | None = None
+    ) -> Summary:
+        """Decap TPACKET_V3 blocks as a live packet ring hands them over (`tunnelscope
+        sniff`): each is scanned in place, done with once the next one is asked for. Frames
+        of `linktype`, nanosecond times; `count`: stop once that many frames were written.
+        Raises CaptureError (bad output)."""
+        self._start(False, MAX_CAPLEN, nanosecond=True)
+        self.scanner.add_interface(linktype, 1, MAX_CAPLEN)
+        self._open_outputs()
+        return self._drive(lambda: self._pump_blocks(blocks, count))
+
+    def _start(self, pcapng_input: bool, limit: int, nanosecond: bool) -> None:
+        """The scanner, once the input's format is known."""
+        self._pcapng_input, self._out_nanosecond = pcapng_input, nanosecond
         options = self.options
         if options.ports:
             port_mode, ports = PORTS_ONLY, port_bitmap(options.ports)
@@ -833,17 +895,17 @@ class Decap:
             port_mode, ports = PORTS_EXCEPT, port_bitmap(SERVICE_PORTS)
         factory = self._module.Scanner if self._module is not None else PyScanner
         self.scanner = factory(
-            self._pcapng_input,
+            pcapng_input,
             limit,
             self.split_dir is None,
-            self._out_nanosecond,
+            nanosecond,
             DEDUPE_WINDOW_NS if options.dedupe else 0,
             port_mode,
             ports,
         )
         self.scanner.set_section(self._endian == ">")
-        if not self._pcapng_input:
-            self.scanner.add_interface(linktype, tsresol, snaplen)
+
+    def _open_outputs(self) -> None:
         if self.output is not None:
             self._add_output(self.output).add(pcapng.section_header())
         else:
@@ -851,8 +913,11 @@ class Decap:
                 os.makedirs(self.split_dir or ".", exist_ok=True)
             except OSError as exc:
                 raise CaptureError(f"cannot create {self.split_dir}: {exc.strerror}") from None
+
+    def _drive(self, pump: Callable[[], None]) -> Summary:
+        """Run `pump`, then close the outputs: valid after bad input, as they are on error."""
         try:
-            self._pump(stream)
+            pump()
         except (CaptureFormatError, ValueError) as exc:
             self._finish()
             raise CaptureFormatError(str(exc)) from None
@@ -885,18 +950,38 @@ class Decap:
                     end, pos = end - pos, 0
                 if end == len(buf):  # a record larger than the buffer
                     buf.extend(bytes(len(buf)))
-                if self._live:
-                    with memoryview(buf) as view, view[end:] as part:
-                        got = stream.readinto(part)  # type: ignore[attr-defined]
-                    eof = not got
-                else:
-                    got = _fill(stream, buf, end)
-                    eof = end + got < len(buf)
+                got = _fill(stream, buf, end)
+                eof = end + got < len(buf)
                 end += got
                 total += got
                 if self.progress is not None:
                     self.progress(total)
             self._settle()
+
+    def _pump_blocks(self, blocks: Iterable[memoryview], count: int | None) -> None:
+        for block in blocks:
+            if not self._scan_block(block, count):
+                return
+
+    def _scan_block(self, block: memoryview, count: int | None) -> bool:
+        """All of one block; False once `count` frames were written."""
+        scanner = self.scanner
+        index = 0
+        while True:
+            if count is None:
+                event, index, info = scanner.scan_tpacket3(block, index)
+            else:  # stop where the scanner's own `written` makes the count
+                left = count - self.frames_written()
+                if left <= 0:
+                    return False
+                stop_at = scanner.counters()["written"] + left
+                event, index, info = scanner.scan_tpacket3(block, index, stop_at)
+            self._collect()
+            if event == FRAME:
+                self._on_frame(info)  # type: ignore[arg-type]
+            self._settle()
+            if event != FRAME:
+                return count is None or self.frames_written() < count
 
     def _truncated(self, left: int) -> str:
         frames = self.scanner.counters()["frames"]

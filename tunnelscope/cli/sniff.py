@@ -7,7 +7,7 @@ import time
 
 import click
 
-from tunnelscope.analysis.sniff import PacketSource, Sniffer, SniffError
+from tunnelscope.analysis.sniff import DEFAULT_BUFFER_KIB, PacketRing, Sniffer, SniffError
 from tunnelscope.cli.common import COUNT, POSITIVE, Failure, PortSet
 from tunnelscope.cli.decap import _report, decap_options
 from tunnelscope.formats.capture import CaptureError
@@ -24,6 +24,16 @@ from tunnelscope.formats.capture import CaptureError
 @click.option("--dedupe", is_flag=True, help="Drop second copies relayed by a ubridge.")
 @click.option("--duration", type=POSITIVE, metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("-c", "--count", type=COUNT, help="Stop after N tunnel frames.")
+@click.option(
+    "-B",
+    "--buffer-size",
+    "buffer_kib",
+    type=COUNT,
+    default=DEFAULT_BUFFER_KIB,
+    show_default=True,
+    metavar="KIB",
+    help="The kernel's packet ring, in KiB (whole 256 KiB blocks), as tcpdump's -B.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def sniff(
     interface: str,
@@ -34,14 +44,16 @@ def sniff(
     dedupe: bool,
     duration: float | None,
     count: int | None,
+    buffer_kib: int,
     as_json: bool,
 ) -> None:
     """Capture lab tunnels live from an interface, without touching the lab.
 
     What `tcpdump -i lo` followed by `tunnelscope decap` gives, live: each UDP tunnel becomes
-    one pcapng interface with its detected link type (options as for `decap`). Needs
-    CAP_NET_RAW. Ctrl-C, --duration or -c ends it with every file closed valid; a summary
-    goes to stderr.
+    one pcapng interface with its detected link type (options as for `decap`). Packets come
+    through a kernel ring (-B) and filter (the --ports, IP fragments), as tcpdump reads them.
+    Needs CAP_NET_RAW. Ctrl-C, --duration or -c ends it with every file closed valid; a
+    summary goes to stderr.
 
     \b
     Examples:
@@ -56,20 +68,21 @@ def sniff(
     options = decap_options(ports, linktype, dedupe)
     deadline = time.monotonic() + duration if duration is not None else None
     try:
-        source = PacketSource(interface, deadline)
+        ring = PacketRing(interface, buffer_kib, ports, deadline)
     except SniffError as exc:
         raise Failure(str(exc)) from None
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: source.stop())
+        signal.signal(signum, lambda *_: ring.stop())
     click.echo(f"sniffing on {interface}", err=True)
     try:
-        summary = Sniffer(source, output, split_dir, options, count).run()
+        summary = Sniffer(ring, output, split_dir, options, count).run()
     except CaptureError as exc:
         raise Failure(str(exc)) from None
-    if source.kernel_drops:
+    if ring.kernel_drops:
         click.echo(
-            f"tunnelscope: warning: the kernel dropped {source.kernel_drops} packets before sniff"
-            " read them (its socket buffer was full): the capture misses frames",
+            f"tunnelscope: warning: the kernel dropped {ring.kernel_drops} packets before sniff"
+            f" read them (its {ring.size_kib} KiB ring was full {ring.ring_full} times;"
+            " -B makes it bigger): the capture misses frames",
             err=True,
         )
     _report(summary, as_json)

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from tunnelscope import __version__
 from tunnelscope.analysis.decap import Options
-from tunnelscope.analysis.sniff import PacketSource, Sniffer
+from tunnelscope.analysis.sniff import PacketRing, Sniffer
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.lab.control import ControlClient, ControlError, ControlUnavailable
 from tunnelscope.lab.stream import (
@@ -223,9 +223,9 @@ def capture(args: CaptureArgs) -> None:
     if args.interface == SNIFF:
         if args.capture_filter:
             raise ExtcapError("tunnelscope-sniff takes no capture filter (use its ports option)")
-        source = PacketSource("lo")
-        signal.signal(signal.SIGTERM, lambda *_: source.stop())  # Wireshark's stop: end valid
-        Sniffer(source, args.fifo, None, Options(ports=args.ports, dedupe=args.dedupe)).run()
+        ring = PacketRing("lo", ports=args.ports)
+        signal.signal(signal.SIGTERM, lambda *_: ring.stop())  # Wireshark's stop: end valid
+        Sniffer(ring, args.fifo, None, Options(ports=args.ports, dedupe=args.dedupe)).run()
         return
     interface = find_interface(args.interface)
     try:

@@ -58,6 +58,14 @@ def _open_packet_socket(ifname: str) -> socket.socket:
     return sock
 
 
+def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """Give the kernel a classic BPF program (code, jt, jf, k) to run on what `sock` receives:
+    packets it rejects are never queued. Raises OSError (EINVAL: a program it refuses)."""
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
 @dataclass(frozen=True)
 class EthSpec(EndpointSpec):
     ifname: str
@@ -88,9 +96,7 @@ class EthEndpoint(SocketEndpoint):
             with contextlib.suppress(OSError):  # ENOENT: there was none
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
             return
-        code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
-        fprog = struct.pack("HL", len(program), ctypes.addressof(code))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        attach_filter(self.sock, program)
 
     def _recv_one(self) -> int:
         size, address = self.sock.recvfrom_into(self._buffer, RECV_BUFFER, socket.MSG_TRUNC)
