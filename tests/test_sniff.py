@@ -138,10 +138,14 @@ def test_both_scanners_reject_a_damaged_block_alike_and_keep_what_came_before(
 
 @pytest.mark.parametrize("use_c", BACKENDS)
 @pytest.mark.parametrize("count", [1, 5, 13])
-def test_a_count_stops_at_the_frame_that_makes_it(tmp_path: Path, use_c: bool, count: int):
+@pytest.mark.parametrize("linktype", [LinkType.ETHERNET, None], ids=["given", "detected"])
+def test_a_count_stops_at_the_frame_that_makes_it(
+    tmp_path: Path, use_c: bool, count: int, linktype: LinkType | None
+):
+    """Also when the link's type is detected: the frames held meanwhile stop at the count."""
     records = host_records(seed_frames()[:12] * 2, False)
     blocks = tpacket3_blocks(records, 10)  # the count falls inside a block
-    options = Options(ports=TUNNEL_PORTS, linktype=LinkType.ETHERNET, use_c=use_c)
+    options = Options(ports=TUNNEL_PORTS, linktype=linktype, use_c=use_c)
     summary = ring_decap(blocks, tmp_path / "out.pcapng", options, count)
     assert summary["written"] == count
     with open_capture(str(tmp_path / "out.pcapng")) as reader:

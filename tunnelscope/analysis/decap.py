@@ -836,6 +836,7 @@ class Decap:
         self._names: set[str] = set()
         self._ignored_flows = 0
         self._counts = dict.fromkeys(("written", "not_tunnel", "duplicates"), 0)
+        self._count: int | None = None  # a live run's frame count: held frames stop there too
         self._pcapng_input = False
         self._endian = "<"
         self._out_nanosecond = False
@@ -883,6 +884,7 @@ class Decap:
         self._start(False, MAX_CAPLEN, nanosecond=True)
         self.scanner.add_interface(linktype, 1, MAX_CAPLEN)
         self._open_outputs()
+        self._count = count
         return self._drive(lambda: self._pump_blocks(blocks, count))
 
     def _start(self, pcapng_input: bool, limit: int, nanosecond: bool) -> None:
@@ -1138,6 +1140,8 @@ class Decap:
                 if not link.tunnel:
                     self._counts["not_tunnel"] += 1
                     continue
+                if self._count is not None and self.frames_written() >= self._count:
+                    continue  # held past the count while its link's type was decided
                 direction = Direction.OUTBOUND if item.outbound else Direction.INBOUND
                 record = encode_record(
                     self.split_dir is None,
