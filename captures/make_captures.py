@@ -375,9 +375,9 @@ def _bgp() -> list[Packet]:
     )
     messages = [
         BGPHeader(type=1) / BGPOpen(my_as=65001, hold_time=180, bgp_id=R1_ID),
-        BGPHeader(type=4) / BGPKeepAlive(),
+        BGPKeepAlive(),
         update,
-        bytes(withdraw) + bytes(BGPHeader(type=4) / BGPKeepAlive()),
+        bytes(withdraw) + bytes(BGPKeepAlive()),
     ]
     segments, seq = [], 1000
     for number, message in enumerate(messages):
