@@ -13,6 +13,7 @@ Field conventions (shared by every decoder):
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 Value = object  # int, bool, str, or a list of them
@@ -110,3 +111,19 @@ def _escaped(char: str) -> str:
 def name_of(table: dict[int, str], number: int, kind: str) -> str:
     """A name for the summary, also for numbers the table does not know."""
     return table.get(number) or f"{kind} {number:#x}"
+
+
+def ipv4_prefixes(data: bytes) -> list[tuple[int, str]] | None:
+    """(length, prefix) of packed IPv4 prefixes: a prefix length (1), then only the prefix's
+    significant bytes (BGP NLRI, EIGRP destinations). None when they do not fit the bytes."""
+    prefixes, offset = [], 0
+    while offset < len(data):
+        length = data[offset]
+        size = (length + 7) // 8
+        if length > 32 or offset + 1 + size > len(data):
+            return None
+        prefixes.append(
+            (length, socket.inet_ntoa(data[offset + 1 : offset + 1 + size].ljust(4, b"\0")))
+        )
+        offset += 1 + size
+    return prefixes

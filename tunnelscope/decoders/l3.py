@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 
 import dpkt
 
+from tunnelscope.decoders import bgp, eigrp, ldp, ospf, rip
 from tunnelscope.decoders.base import Builder, frame_text, name_of
 
 # dpkt reports short headers with UnpackError; odd option bytes can surface as the others.
@@ -47,8 +49,6 @@ _NAMED_IP_PROTOCOLS = {
     47: ("gre", "GRE"),
     50: ("esp", "ESP"),
     51: ("ah", "AH"),
-    88: ("eigrp", "EIGRP"),
-    89: ("ospf", "OSPF"),
     103: ("pim", "PIM"),
     112: ("vrrp", "VRRP"),
 }
@@ -87,6 +87,10 @@ _ARP_OPCODES = {
     8: "InARP request",
     9: "InARP reply",
 }
+# Routing protocols, each in its own module: by IP protocol, by UDP and TCP port.
+_ROUTING_IP_PROTOCOLS = {88: eigrp.decode, 89: ospf.decode}
+_UDP_PORTS = {rip.PORT: rip.decode, ldp.PORT: ldp.decode}
+_TCP_PORTS = {bgp.PORT: bgp.decode, ldp.PORT: ldp.decode}
 _TCP_FLAGS = "FSRPAUEC"  # bit 0 upwards, as tcpdump letters them ("A" printed as ".")
 _CDP_STRINGS = {1: ("cdp.deviceid", "device"), 3: ("cdp.portid", "port"), 6: ("cdp.platform", None)}
 CISCO_OUI = 0x00000C
@@ -211,8 +215,14 @@ def _transport(b: Builder, proto: int, payload: object, v6: bool) -> None:
         b.text(f"UDP {payload.sport} > {payload.dport} len {payload.ulen - 8}")
         if not 8 <= payload.ulen <= 8 + len(payload.data):
             b.bad(f"UDP length {payload.ulen}")
+            return
+        _application(b, _UDP_PORTS, payload.sport, payload.dport, payload.data[: payload.ulen - 8])
     elif proto == dpkt.ip.IP_PROTO_TCP:
         _tcp(b, payload)
+    elif proto in _ROUTING_IP_PROTOCOLS:
+        # dpkt parses OSPF itself; its own __bytes__ would refill a zero checksum
+        raw = payload if isinstance(payload, bytes) else dpkt.Packet.__bytes__(payload)
+        _ROUTING_IP_PROTOCOLS[proto](b, raw)
     elif proto in _NAMED_IP_PROTOCOLS:
         name, text = _NAMED_IP_PROTOCOLS[proto]
         b.layer(name, text)
@@ -242,6 +252,22 @@ def _tcp(b: Builder, tcp: object) -> None:
         }
     )
     b.text(f"TCP {tcp.sport} > {tcp.dport} [{letters}] seq {tcp.seq} len {len(tcp.data)}")
+    if tcp.data:
+        _application(b, _TCP_PORTS, tcp.sport, tcp.dport, tcp.data)
+
+
+def _application(
+    b: Builder,
+    decoders: dict[int, Callable[[Builder, bytes], None]],
+    sport: int,
+    dport: int,
+    data: bytes,
+) -> None:
+    """The protocol a well-known port names, the lower port first (as tshark tries them)."""
+    for port in sorted((sport, dport)):
+        if port in decoders:
+            decoders[port](b, data)
+            return
 
 
 def _icmp(b: Builder, message: object, protocol: str) -> None:
