@@ -94,15 +94,5 @@ def _update(b: Builder, body: bytes) -> None:
     if nlri_at > len(body):
         b.bad(f"BGP path attributes length {attributes_length}")
         return
-    _prefixes(b, "bgp.withdrawn_prefix", body[2:attributes_at])
-    _prefixes(b, "bgp.nlri_prefix", body[nlri_at:])
-
-
-def _prefixes(b: Builder, name: str, data: bytes) -> None:
-    prefixes = ipv4_prefixes(data)
-    if prefixes is None:
-        b.bad("BGP prefix past the end of its field")
-        return
-    for length, prefix in prefixes:
-        b.append("bgp.prefix_length", length)
-        b.append(name, prefix)
+    ipv4_prefixes(b, body[2:attributes_at], "bgp.prefix_length", "bgp.withdrawn_prefix")
+    ipv4_prefixes(b, body[nlri_at:], "bgp.prefix_length", "bgp.nlri_prefix")

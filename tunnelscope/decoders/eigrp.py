@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 
-from tunnelscope.decoders.base import Builder, ipv4_prefixes, name_of
+from tunnelscope.decoders.base import Builder, ipv4_prefixes, name_of, tlvs
 
 _OPCODES = {  # as tshark's Info column names them
     1: "Update",
@@ -59,26 +59,10 @@ def decode(b: Builder, data: bytes) -> None:
     if opcode == _HELLO and ack:
         name += " (Ack)"
     b.text(f"EIGRP {name} AS {asn} seq {sequence} ack {ack}")
-    offset = _HEADER
-    while offset < len(data):
-        if not b.need(data, offset + 4, "EIGRP TLV"):
-            return
-        tlv_type, length = struct.unpack_from(">HH", data, offset)
-        if length < 4 or offset + length > len(data):
-            b.bad(f"EIGRP TLV length {length}")
-            return
+    for tlv_type, value in tlvs(b, data[_HEADER:], "EIGRP TLV"):
         b.append("eigrp.tlv_type", tlv_type)
         if tlv_type == _IPV4_INTERNAL:
-            _destinations(b, data[offset + 4 + _ROUTE_FIXED : offset + length])
-        offset += length
-
-
-def _destinations(b: Builder, data: bytes) -> None:
-    prefixes = ipv4_prefixes(data)
-    if prefixes is None:
-        b.bad("EIGRP destination past the end of its TLV")
-        return
-    for length, prefix in prefixes:
-        b.append("eigrp.ipv4.prefixlen", length)
-        b.append("eigrp.ipv4.destination", prefix)
-        b.text(f"{prefix}/{length}")
+            shown = ipv4_prefixes(
+                b, value[_ROUTE_FIXED:], "eigrp.ipv4.prefixlen", "eigrp.ipv4.destination"
+            )
+            b.text(" ".join(shown))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import struct
 
-from tunnelscope.decoders.base import Builder, frame_text
+from tunnelscope.decoders.base import Builder, frame_text, tlvs
 
 NLPID_ISIS = 0x83
 _OSI_NAMED = {0x81: ("clnp", "CLNP"), 0x82: ("esis", "ES-IS")}
@@ -171,16 +171,7 @@ def _snp(b: Builder, kind: str, body: bytes) -> int:
 
 def _tlvs(b: Builder, kind: str, data: bytes) -> None:
     """Walk the TLVs: their lengths must fit the PDU; an LSP's hostname is kept."""
-    offset = 0
-    while offset < len(data):
-        if not b.need(data, offset + 2, "IS-IS TLV"):
-            return
-        tlv_type, length = data[offset], data[offset + 1]
-        value = data[offset + 2 : offset + 2 + length]
-        if len(value) < length:
-            b.bad(f"IS-IS TLV {tlv_type} length {length}")
-            return
+    for tlv_type, value in tlvs(b, data, "IS-IS TLV", wide=False, length_counts_header=False):
         if kind == "lsp" and tlv_type == _HOSTNAME_TLV:
             b.fields["isis.lsp.hostname"] = value.decode("utf-8", "replace")
             b.text(f"host {frame_text(value)}")
-        offset += 2 + length

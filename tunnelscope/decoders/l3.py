@@ -21,7 +21,7 @@ from collections.abc import Callable
 import dpkt
 
 from tunnelscope.decoders import bgp, eigrp, ldp, ospf, rip
-from tunnelscope.decoders.base import Builder, frame_text, name_of
+from tunnelscope.decoders.base import Builder, frame_text, name_of, tlvs
 
 # dpkt reports short headers with UnpackError; odd option bytes can surface as the others.
 # AttributeError: dpkt's IP6 reads `frag_off` of whatever extension header came last when the
@@ -361,19 +361,10 @@ def cdp(b: Builder, data: bytes) -> None:
     version, ttl = data[0], data[1]
     b.fields.update({"cdp.version": version, "cdp.ttl": ttl})
     words = [f"CDPv{version}"]
-    offset = 4
-    while offset < len(data):
-        if not b.need(data, offset + 4, "CDP TLV"):
-            break
-        kind, length = struct.unpack_from(">HH", data, offset)
-        if length < 4 or offset + length > len(data):
-            b.bad(f"CDP TLV length {length}")
-            break
+    for kind, value in tlvs(b, data[4:], "CDP TLV"):
         if kind in _CDP_STRINGS:
             name, word = _CDP_STRINGS[kind]
-            value = data[offset + 4 : offset + length]
             b.fields[name] = value.decode("utf-8", "replace")
             if word:
                 words.append(f"{word} {frame_text(value)}")
-        offset += length
     b.text(" ".join(words))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from tunnelscope.decoders.base import Builder, name_of
+from tunnelscope.decoders.base import Builder, name_of, tlvs
 
 PORT = 646
 _HEADER = 10
@@ -81,16 +81,8 @@ def _messages(b: Builder, data: bytes) -> list[str]:
     return names
 
 
-def _hello(b: Builder, tlvs: bytes) -> None:
+def _hello(b: Builder, data: bytes) -> None:
     """The hold time from a Hello's Common Hello Parameters TLV (the other TLVs are skipped)."""
-    offset = 0
-    while offset < len(tlvs):
-        if not b.need(tlvs, offset + 4, "LDP TLV"):
-            return
-        kind, length = struct.unpack_from(">HH", tlvs, offset)
-        if offset + 4 + length > len(tlvs):
-            b.bad(f"LDP TLV length {length}")
-            return
-        if kind & 0x3FFF == _COMMON_HELLO_PARAMETERS and length >= 2:
-            b.append("ldp.msg.tlv.hello.hold", struct.unpack_from(">H", tlvs, offset + 4)[0])
-        offset += 4 + length
+    for kind, value in tlvs(b, data, "LDP TLV", length_counts_header=False):
+        if kind & 0x3FFF == _COMMON_HELLO_PARAMETERS and len(value) >= 2:
+            b.append("ldp.msg.tlv.hello.hold", struct.unpack_from(">H", value)[0])

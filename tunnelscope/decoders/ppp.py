@@ -18,7 +18,7 @@ import socket
 import struct
 
 from tunnelscope.decoders import chdlc, isis, l3
-from tunnelscope.decoders.base import Builder, frame_text, name_of
+from tunnelscope.decoders.base import Builder, frame_text, name_of, tlvs
 
 PROTOCOL_LCP = 0xC021
 _CONTROL_PROTOCOLS = {
@@ -145,16 +145,7 @@ def _control(b: Builder, proto: int, data: bytes) -> None:
 
 def _options(b: Builder, protocol_name: str, body: bytes) -> None:
     """Configure-Request/Ack/Nak/Reject options: type (1) | length (1, header included) | value."""
-    offset = 0
-    while offset < len(body):
-        if not b.need(body, offset + 2, "option"):
-            return
-        kind, length = body[offset], body[offset + 1]
-        if length < 2 or offset + length > len(body):
-            b.bad(f"option length {length}")
-            return
-        value = body[offset + 2 : offset + length]
-        offset += length
+    for kind, value in tlvs(b, body, "option", wide=False):
         b.append(f"{protocol_name}.opt.type", kind)
         known = _OPTIONS.get((protocol_name, kind))
         if known and len(value) >= known[1]:
