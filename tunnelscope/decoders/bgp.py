@@ -7,7 +7,7 @@ type 1 OPEN: version (1) | my AS (2) | hold time (2) | BGP identifier (4) | opti
 type 2 UPDATE: withdrawn routes length (2) | withdrawn prefixes | path attributes length (2)
   | path attributes | NLRI prefixes to the message end; a prefix is its length (1) and
   then only its significant bytes
-type 3 NOTIFICATION: error code (1) | subcode (1) | data
+type 3 NOTIFICATION: error code (1) | subcode (1, its field named after the code) | data
 type 4 KEEPALIVE: the header alone;  type 5 ROUTE-REFRESH: AFI (2) | reserved (1) | SAFI (1)
 
 Every field is a list, one entry per message (or per prefix), in segment order: a segment
@@ -33,6 +33,16 @@ _HEADER = 19
 _MAX_LENGTH = 4096
 _TYPES = {1: "OPEN", 2: "UPDATE", 3: "NOTIFICATION", 4: "KEEPALIVE", 5: "ROUTE-REFRESH"}
 _OPEN, _UPDATE, _NOTIFICATION = 1, 2, 3
+# NOTIFICATION: tshark names the subcode field after the error code
+_SUBCODE_FIELDS = {
+    1: "bgp.notify.minor_error",  # message header error
+    2: "bgp.notify.minor_error_open",
+    3: "bgp.notify.minor_error_update",
+    4: "bgp.notify.minor_error_expired",  # hold timer expired
+    5: "bgp.notify.minor_error_state",  # finite state machine error
+    6: "bgp.notify.minor_error_cease",
+    7: "bgp.notify.minor_error_capability",
+}
 
 
 def decode(b: Builder, data: bytes) -> None:
@@ -64,7 +74,7 @@ def decode(b: Builder, data: bytes) -> None:
             _update(b, body)
         elif kind == _NOTIFICATION and b.need(body, 2, "BGP NOTIFICATION"):
             b.append("bgp.notify.major_error", body[0])
-            b.append("bgp.notify.minor_error", body[1])
+            b.append(_SUBCODE_FIELDS.get(body[0], "bgp.notify.minor_error_unknown"), body[1])
         offset += length
     b.text("BGP " + ", ".join(names))
 

@@ -159,9 +159,10 @@ def _lsp(b: Builder, body: bytes) -> int:
 
 def _snp(b: Builder, kind: str, body: bytes) -> int:
     (length,) = struct.unpack_from(">H", body)
-    source = _node_id(body[2:9])
-    b.fields.update({f"isis.{kind}.pdu_length": length, f"isis.{kind}.source_id": source})
-    b.text(f"source-id {source}")
+    b.fields.update(  # tshark's field holds the system ID; its Info shows the pseudonode too
+        {f"isis.{kind}.pdu_length": length, f"isis.{kind}.source_id": _system_id(body[2:8])}
+    )
+    b.text(f"source-id {_node_id(body[2:9])}")
     if kind == "csnp":
         start, end = _lsp_id(body[9:17]), _lsp_id(body[17:25])
         b.fields.update({"isis.csnp.start_lsp_id": start, "isis.csnp.end_lsp_id": end})

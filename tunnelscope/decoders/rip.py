@@ -5,8 +5,8 @@
   next hop (4) | metric (4)             (v1: tag, netmask and next hop must be zero)
   an entry with family 0xFFFF is authentication (v2): type (2) | 16 bytes
 
-Route fields are lists, one entry per route, as tshark prints them; tag, netmask and next
-hop only for version 2 (tshark does not show them for version 1).
+Route fields are lists, one entry per route, as tshark prints them; the address only for
+family 2 (IPv4), tag, netmask and next hop only for version 2 (as tshark shows them).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tunnelscope.decoders.base import Builder, name_of
 PORT = 520
 _COMMANDS = {1: "Request", 2: "Response", 3: "Traceon", 4: "Traceoff"}
 _HEADER, _ENTRY = 4, 20
+_AF_INET = 2  # family 0 (with metric 16: "send the whole table") carries no address
 
 
 def decode(b: Builder, data: bytes) -> None:
@@ -37,11 +38,12 @@ def decode(b: Builder, data: bytes) -> None:
         b.fields["rip.auth.type"] = rip.auth.type
     for route in rip.rtes:
         b.append("rip.family", route.family)
-        b.append("rip.ip", _ip(route.addr))
-        if rip.v == 2:
-            b.append("rip.route_tag", route.route_tag)
-            b.append("rip.netmask", _ip(route.subnet))
-            b.append("rip.next_hop", _ip(route.next_hop))
+        if route.family == _AF_INET:
+            b.append("rip.ip", _ip(route.addr))
+            if rip.v == 2:
+                b.append("rip.route_tag", route.route_tag)
+                b.append("rip.netmask", _ip(route.subnet))
+                b.append("rip.next_hop", _ip(route.next_hop))
         b.append("rip.metric", route.metric)
     count = len(rip.rtes)
     routes = f"{count} route" + ("s" if count != 1 else "")
