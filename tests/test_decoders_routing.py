@@ -32,6 +32,7 @@ from scapy.contrib.isis import (
     ISIS_CommonHdr,
     ISIS_LspEntry,
     ISIS_LspEntryTlv,
+    ISIS_P2P_Hello,
 )
 from scapy.contrib.ldp import LDP, LDPAddress, LDPKeepAlive
 from scapy.contrib.ospf import (
@@ -72,7 +73,8 @@ class Case:
 
 
 def more_messages() -> list[bytes]:
-    """C-HDLC frames with the messages the reference captures lack: IS-IS CSNP and PSNP, OSPF
+    """C-HDLC frames with the messages the reference captures lack: IS-IS CSNP and PSNP and a
+    Hello without TLVs, OSPF
     DB Description, LS Request and LS Acknowledge, an EIGRP Hello ACK and a Query, BGP
     NOTIFICATION and ROUTE-REFRESH, a RIPv1 whole-table request, two LDP PDUs in a segment."""
     lsp = ISIS_LspEntry(lifetime=1199, lspid="0000.0000.0001.00-00", seqnum=3, checksum=0x6C85)
@@ -102,6 +104,7 @@ def more_messages() -> list[bytes]:
     packets = [
         (0xFEFE, ISIS_CommonHdr() / csnp),
         (0xFEFE, ISIS_CommonHdr() / psnp),
+        (0xFEFE, ISIS_CommonHdr() / ISIS_P2P_Hello(sourceid="0000.0000.0002")),  # no TLVs
         *[(0x0800, unicast / OSPF_Hdr(src="2.2.2.2") / message) for message in ospf],
         (0x0800, unicast / EIGRP(opcode=5, asn=100, ack=1)),
         (0x0800, unicast / EIGRP(opcode=3, asn=100, seq=2, tlvlist=[route])),

@@ -48,6 +48,7 @@ _PDU_TYPES = {  # PDU type -> (tshark's name in Info, kind)
 }
 _P2P_HELLO = 17
 _FIXED = {"hello": 19, "lsp": 19, "csnp": 25, "psnp": 9}  # bytes after the common header
+_P2P_HELLO_FIXED = 12  # a LAN Hello's 19 without priority and LAN ID, with the circuit ID
 
 
 def osi(b: Builder, data: bytes) -> None:
@@ -90,7 +91,8 @@ def decode(b: Builder, data: bytes) -> None:
         return
     b.layer(f"isis.{kind}")
     body = data[_HEADER:]
-    if not b.need(body, _FIXED[kind], f"IS-IS {name} header"):
+    fixed = _P2P_HELLO_FIXED if pdu_type == _P2P_HELLO else _FIXED[kind]
+    if not b.need(body, fixed, f"IS-IS {name} header"):
         return
     if kind == "hello":
         length = _hello(b, pdu_type, body)
