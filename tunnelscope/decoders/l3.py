@@ -3,7 +3,9 @@
 A link decoder finds a protocol number (ethertype, SNAP OUI/PID, PPP protocol, NLPID) and
 hands the payload here. IPv4, IPv6, ARP, ICMP, ICMPv6, UDP and TCP are parsed by dpkt; this
 module only checks what dpkt lets through (lengths past the end of the frame) and names the
-fields the Wireshark way.
+fields the Wireshark way. Routing protocols go to their own modules: IP protocol 88 `eigrp`,
+89 `ospf`; UDP port 520 `rip`, 646 `ldp`; TCP port 179 `bgp`, 646 `ldp` (the lower of the
+two ports first, as tshark tries them).
 
 CDP (Cisco; SNAP 00000C/2000, C-HDLC 0x2000, PPP 0x0207):
   version u8 | ttl u8 | checksum u16 | TLVs: type u16, length u16 (header included), value
