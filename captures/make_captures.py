@@ -1,12 +1,14 @@
-"""Write the reference captures: one file per tunnel link type and a mixed pcapng.
+"""Write the reference captures: one file per tunnel link type, a mixed pcapng, and one
+routing capture per encapsulation (routing-*.pcap).
 
     python captures/make_captures.py [OUTDIR]      (default: this folder)
 
 Frames come from scapy where it has the layers (Ethernet, 802.1Q/802.1ad, IPv4/IPv6, ARP,
-ICMP, UDP, TCP, PPP and its control protocols, CDP) and are built by hand where it has none
-(Cisco HDLC, SLARP, Frame Relay, LMI). Timestamps are fixed, so the files are reproducible
-byte for byte; tests/test_captures.py checks that, and what tshark decodes from them.
-`FRAMES` is importable: tests and demos reuse the frames without the files.
+ICMP, UDP, TCP, PPP and its control protocols, CDP, OSPF, EIGRP, BGP, RIP, LDP, IS-IS) and
+are built by hand where it has none (Cisco HDLC, SLARP, Frame Relay, LMI). Timestamps are
+fixed, so the files are reproducible byte for byte; tests/test_captures.py checks that, and
+what tshark decodes from them. `FRAMES` (per link type) and `ROUTING` (per routing file) are
+importable: tests and demos reuse the frames without the files.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from scapy.contrib.bgp import (
+    BGPHeader,
+    BGPKeepAlive,
+    BGPNLRI_IPv4,
+    BGPOpen,
+    BGPPAASPath,
+    BGPPANextHop,
+    BGPPAOrigin,
+    BGPPathAttr,
+    BGPUpdate,
+)
 from scapy.contrib.cdp import (
     CDPMsgCapabilities,
     CDPMsgDeviceID,
@@ -24,6 +37,31 @@ from scapy.contrib.cdp import (
     CDPMsgPortID,
     CDPMsgSoftwareVersion,
     CDPv2_HDR,
+)
+from scapy.contrib.eigrp import EIGRP, EIGRPIntRoute, EIGRPParam, EIGRPSwVer
+from scapy.contrib.isis import (
+    ISIS_L2_LSP,
+    ISIS_AreaEntry,
+    ISIS_AreaTlv,
+    ISIS_CommonHdr,
+    ISIS_DynamicHostnameTlv,
+    ISIS_ExtendedIpPrefix,
+    ISIS_ExtendedIpReachabilityTlv,
+    ISIS_IpInterfaceAddressTlv,
+    ISIS_L1_LAN_Hello,
+    ISIS_P2P_Hello,
+    ISIS_P2PAdjacencyStateTlv,
+    ISIS_ProtocolsSupportedTlv,
+)
+from scapy.contrib.ldp import LDP, LDPHello
+from scapy.contrib.ospf import (
+    OSPF_Hdr,
+    OSPF_Hello,
+    OSPF_Link,
+    OSPF_LSUpd,
+    OSPF_Router_LSA,
+    OSPFv3_Hdr,
+    OSPFv3_Hello,
 )
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -40,6 +78,7 @@ from scapy.layers.ppp import (
     PPP_LCP_MRU_Option,
     PPP_PAP_Request,
 )
+from scapy.layers.rip import RIP, RIPEntry
 from scapy.packet import Packet
 
 from tunnelscope.formats.capture import CaptureWriter, Format
@@ -273,6 +312,222 @@ def frelay_frames() -> list[bytes]:
     ]
 
 
+# Routing protocols as router labs carry them. One set of packets (OSPF, EIGRP, BGP, RIPv2,
+# LDP over IPv4, OSPFv3 over IPv6, IS-IS over OSI, CDP), wrapped in each encapsulation:
+#   C-HDLC  ethertype 0x0800 / 0x86DD / 0xFEFE (OSI) / 0x2000 (CDP); 0x8F for multicast
+#   PPP     protocol 0x0021 / 0x0057 / 0x0023 (OSI network layer) / 0x0207 (CDP)
+#   FR IETF control 0x03, NLPID 0xCC / 0x8E / the IS-IS PDU itself (its first byte, 0x83, is
+#           the NLPID) / pad 0x00 + SNAP 0x80 00000C 2000 (CDP)
+#   FR Cisco ethertype as C-HDLC's
+#   Ethernet type 0x0800 / 0x86DD, 802.3 + LLC FE FE 03 (OSI), 802.3 + SNAP (CDP)
+# IS-IS sends a point-to-point Hello on serial links and an L1 LAN Hello on Ethernet.
+R1_ID, R2_ID = "1.1.1.1", "2.2.2.2"
+R1_SYSTEM = "0000.0000.0001"
+BGP_R1, BGP_R2 = ("10.0.0.1", 40000), ("10.0.0.2", 179)
+ALL_L1_ISS = "01:80:c2:00:00:14"
+
+
+def _ospf() -> list[Packet]:
+    """OSPFv2 Hello and a Link State Update with R1's router LSA, to AllSPFRouters."""
+    to_all = IP(src="10.0.0.1", dst="224.0.0.5", ttl=1, tos=0xC0, id=10)
+    link = OSPF_Link(id="10.0.0.0", data="255.255.255.252", type=3, metric=64)
+    lsa = OSPF_Router_LSA(id=R1_ID, adrouter=R1_ID, seq=0x80000002, linklist=[link])
+    return [
+        to_all
+        / OSPF_Hdr(src=R1_ID)
+        / OSPF_Hello(mask="255.255.255.252", options=0x02, prio=0, neighbors=[R2_ID]),
+        to_all / OSPF_Hdr(src=R1_ID) / OSPF_LSUpd(lsalist=[lsa]),
+    ]
+
+
+def _ospfv3() -> Packet:
+    return (
+        IPv6(src="fe80::1", dst="ff02::5", hlim=1, tc=0xE0)
+        / OSPFv3_Hdr(src=R1_ID)
+        / OSPFv3_Hello(intid=3, options=0x13, neighbors=[R2_ID])
+    )
+
+
+def _eigrp() -> list[Packet]:
+    """EIGRP AS 100 Hello (K values, software version) and an Update with one route."""
+    to_all = IP(src="10.0.0.1", dst="224.0.0.10", ttl=1, tos=0xC0, id=20)
+    route = EIGRPIntRoute(nexthop="0.0.0.0", delay=20000, bandwidth=40000, prefixlen=24)
+    route.dst = "192.168.1.0"
+    return [
+        to_all / EIGRP(opcode=5, asn=100, tlvlist=[EIGRPParam(), EIGRPSwVer()]),
+        to_all / EIGRP(opcode=1, asn=100, seq=1, tlvlist=[route]),
+    ]
+
+
+def _bgp() -> list[Packet]:
+    """One BGP session's first messages, R1 to R2: OPEN, KEEPALIVE, UPDATE, then a segment
+    with two messages (an UPDATE withdrawing a route and a KEEPALIVE)."""
+    attributes = [
+        BGPPathAttr(type_flags=0x40, type_code=1, attribute=BGPPAOrigin(origin=0)),
+        BGPPathAttr(type_flags=0x40, type_code=2, attribute=BGPPAASPath()),
+        BGPPathAttr(type_flags=0x40, type_code=3, attribute=BGPPANextHop(next_hop="10.0.0.1")),
+    ]
+    update = BGPHeader(type=2) / BGPUpdate(
+        path_attr=attributes, nlri=[BGPNLRI_IPv4(prefix="192.168.1.0/24")]
+    )
+    withdraw = BGPHeader(type=2) / BGPUpdate(
+        withdrawn_routes=[BGPNLRI_IPv4(prefix="192.168.2.0/24")]
+    )
+    messages = [
+        BGPHeader(type=1) / BGPOpen(my_as=65001, hold_time=180, bgp_id=R1_ID),
+        BGPKeepAlive(),
+        update,
+        bytes(withdraw) + bytes(BGPKeepAlive()),
+    ]
+    segments, seq = [], 1000
+    for number, message in enumerate(messages):
+        payload = bytes(message)  # a Packet, or two already joined as bytes
+        ip = IP(src=BGP_R1[0], dst=BGP_R2[0], ttl=255, tos=0xC0, id=30 + number)
+        tcp = TCP(sport=BGP_R1[1], dport=BGP_R2[1], flags="PA", seq=seq, ack=5000, window=16384)
+        segments.append(ip / tcp / payload)
+        seq += len(payload)
+    return segments
+
+
+def _rip_and_ldp() -> list[Packet]:
+    rip = RIP(cmd=2, version=2) / RIPEntry(addr="192.168.1.0", mask="255.255.255.0", metric=1)
+    hello = LDP(id=R1_ID) / LDPHello(params=[15, 0, 0])  # hold time 15 s, not targeted
+    return [
+        IP(src="10.0.0.1", dst="224.0.0.9", ttl=1, id=40) / UDP(sport=520, dport=520) / rip,
+        IP(src="10.0.0.1", dst="224.0.0.2", ttl=1, id=41) / UDP(sport=646, dport=646) / hello,
+    ]
+
+
+def _isis(lan: bool) -> list[Packet]:
+    """An IS-IS Hello (point-to-point, or L1 LAN on Ethernet) and R1's L2 LSP, area 49.0001."""
+    area = ISIS_AreaTlv(areas=[ISIS_AreaEntry(areaid="49.0001")])
+    protocols = ISIS_ProtocolsSupportedTlv(nlpids=["IPv4"])
+    address = ISIS_IpInterfaceAddressTlv(addresses=["10.0.0.1"])
+    if lan:
+        hello = ISIS_L1_LAN_Hello(
+            circuittype="L1",
+            sourceid=R1_SYSTEM,
+            priority=64,
+            lanid=R1_SYSTEM + ".01",
+            tlvs=[area, protocols, address],
+        )
+    else:
+        hello = ISIS_P2P_Hello(
+            circuittype="L2",
+            sourceid=R1_SYSTEM,
+            tlvs=[
+                area,
+                protocols,
+                address,
+                ISIS_P2PAdjacencyStateTlv(  # RFC 5303: Up, with R2 as neighbour
+                    len=15,
+                    state=0,
+                    extlocalcircuitid=1,
+                    neighboursystemid="0000.0000.0002",
+                    neighbourextlocalcircuitid=1,
+                ),
+            ],
+        )
+    prefix = ISIS_ExtendedIpPrefix(metric=10, pfx="10.0.0.0/30")
+    lsp = ISIS_L2_LSP(
+        lspid=R1_SYSTEM + ".00-00",
+        seqnum=3,
+        typeblock="L1+L2",
+        tlvs=[
+            area,
+            protocols,
+            ISIS_DynamicHostnameTlv(hostname=b"R1"),
+            address,
+            ISIS_ExtendedIpReachabilityTlv(pfxs=[prefix]),
+        ],
+    )
+    return [ISIS_CommonHdr() / hello, ISIS_CommonHdr() / lsp]
+
+
+def routing_packets(lan: bool = False) -> list[tuple[str, bytes]]:
+    """(kind, packet): kind "ipv4", "ipv6", "osi" or "cdp" says how a link carries it."""
+    ipv4 = _ospf() + _eigrp() + _bgp() + _rip_and_ldp()
+    packets = [("ipv4", bytes(p)) for p in ipv4] + [("ipv6", bytes(_ospfv3()))]
+    packets += [("osi", bytes(p)) for p in _isis(lan)]
+    return packets + [("cdp", bytes(_cdp("R1", "Ethernet0/0" if lan else "Serial1/0")))]
+
+
+def _multicast(kind: str, packet: bytes) -> bool:
+    return kind != "ipv4" or packet[16] >= 224  # IPv4 destination's first byte
+
+
+ETHERTYPES = {"ipv4": ETHERTYPE_IP, "ipv6": 0x86DD, "osi": 0xFEFE, "cdp": ETHERTYPE_CDP}
+PPP_PROTOCOLS = {"ipv4": 0x0021, "ipv6": 0x0057, "osi": 0x0023, "cdp": 0x0207}
+FR_IETF = {"ipv4": b"\x03\xcc", "ipv6": b"\x03\x8e", "osi": b"\x03"}
+FR_IETF["cdp"] = b"\x03\x00\x80\x00\x00\x0c\x20\x00"
+ROUTING_DLCI = 102
+
+
+def routing_chdlc_frames() -> list[bytes]:
+    return [
+        chdlc(CHDLC_BROADCAST if _multicast(kind, p) else CHDLC_UNICAST, ETHERTYPES[kind], p)
+        for kind, p in routing_packets()
+    ]
+
+
+def routing_ppp_frames() -> list[bytes]:
+    return [
+        b"\xff\x03" + struct.pack("!H", PPP_PROTOCOLS[kind]) + p for kind, p in routing_packets()
+    ]
+
+
+def routing_frelay_ietf_frames() -> list[bytes]:
+    """RFC 2427 NLPIDs on DLCI 102, then ANSI and Q.933 Annex A LMI on DLCI 0."""
+    frames = [q922(ROUTING_DLCI) + FR_IETF[kind] + p for kind, p in routing_packets()]
+    return frames + [
+        lmi(ANSI, LMI_ENQUIRY, FULL_STATUS, 11, 10),
+        lmi(ANSI, LMI_STATUS, FULL_STATUS, 11, 11, pvcs=(ROUTING_DLCI,)),
+        lmi(Q933, LMI_ENQUIRY, LINK_INTEGRITY, 12, 11),
+        lmi(Q933, LMI_STATUS, LINK_INTEGRITY, 12, 12),
+    ]
+
+
+def routing_frelay_cisco_frames() -> list[bytes]:
+    """Cisco encapsulation on DLCI 102, then Cisco LMI on DLCI 1023."""
+    frames = [
+        q922(ROUTING_DLCI) + struct.pack("!H", ETHERTYPES[kind]) + p
+        for kind, p in routing_packets()
+    ]
+    return frames + [
+        lmi(CISCO, LMI_ENQUIRY, FULL_STATUS, 13, 12),
+        lmi(CISCO, LMI_STATUS, FULL_STATUS, 13, 13, pvcs=(ROUTING_DLCI,)),
+    ]
+
+
+def routing_ethernet_frames() -> list[bytes]:
+    frames = []
+    for kind, packet in routing_packets(lan=True):
+        if kind == "osi":
+            frame = Dot3(dst=ALL_L1_ISS, src=R1_MAC) / LLC(dsap=0xFE, ssap=0xFE, ctrl=3) / packet
+        elif kind == "cdp":
+            frame = Dot3(dst=CDP_MULTICAST, src=R1_MAC) / LLC(dsap=0xAA, ssap=0xAA, ctrl=3)
+            frame = frame / SNAP(OUI=0x00000C, code=0x2000) / packet
+        else:
+            dst = (
+                ("01:00:5e:00:00:" + f"{packet[19]:02x}") if kind == "ipv4" else "33:33:00:00:00:05"
+            )
+            if kind == "ipv4" and packet[16] < 224:
+                dst = R2_MAC
+            frame = Ether(dst=dst, src=R1_MAC, type=ETHERTYPES[kind]) / packet
+        frames.append(bytes(frame))
+    return frames
+
+
+# file name -> (link type, frames): the routing captures, one per encapsulation
+ROUTING: dict[str, tuple[LinkType, list[bytes]]] = {
+    "routing-chdlc.pcap": (LinkType.C_HDLC, routing_chdlc_frames()),
+    "routing-ppp.pcap": (LinkType.PPP_SERIAL, routing_ppp_frames()),
+    "routing-frelay-ietf.pcap": (LinkType.FRELAY, routing_frelay_ietf_frames()),
+    "routing-frelay-cisco.pcap": (LinkType.FRELAY, routing_frelay_cisco_frames()),
+    "routing-ethernet.pcap": (LinkType.ETHERNET, routing_ethernet_frames()),
+}
+
+
 FRAMES: dict[LinkType, list[bytes]] = {
     LinkType.ETHERNET: ethernet_frames(),
     LinkType.C_HDLC: chdlc_frames(),
@@ -298,16 +553,21 @@ MIXED_DROPS = {LinkType.ETHERNET: 0, LinkType.C_HDLC: 3, LinkType.PPP_SERIAL: 0,
 MIXED_COMMENT = "dropped by packet_loss"
 
 
+def write_pcap(path: Path, linktype: LinkType, frames: list[bytes]) -> Path:
+    writer = CaptureWriter.open(str(path), Format())
+    writer.add_interface(linktype, path.name)
+    for number, frame in enumerate(frames):
+        writer.write(0, START_NS + number * STEP_NS, frame)
+    writer.close()
+    return path
+
+
 def write_all(outdir: Path = HERE) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for linktype, name in FILES.items():
-        writer = CaptureWriter.open(str(outdir / name), Format())
-        writer.add_interface(linktype, name)
-        for number, frame in enumerate(FRAMES[linktype]):
-            writer.write(0, START_NS + number * STEP_NS, frame)
-        writer.close()
-        paths.append(outdir / name)
+    paths = [
+        write_pcap(outdir / name, linktype, FRAMES[linktype]) for linktype, name in FILES.items()
+    ]
+    paths += [write_pcap(outdir / name, *ROUTING[name]) for name in ROUTING]
 
     writer = CaptureWriter.open(str(outdir / MIXED), Format(pcapng=True))
     for linktype, (name, description) in INTERFACES.items():

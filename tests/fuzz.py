@@ -1,7 +1,8 @@
 """The fuzz harness: mutated inputs, seeded from captures/, against what reads untrusted bytes.
 
 Targets (each input must end in a result or the one documented error, never anything else):
-  decoders  frames of every link type -> `decode`: no exception, a one-line printable summary
+  decoders  frames of every link type (the routing captures among them: OSPF, BGP, IS-IS, ...)
+            -> `decode`: no exception, a one-line printable summary
   readers   capture files -> `read_capture`: packets, or CaptureFormatError
   decap     host captures of tunnels -> the C and the Python decap scanners: the same output
             bytes, the same summary, or the same error (a differential test)

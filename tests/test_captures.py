@@ -38,11 +38,19 @@ def test_regenerating_gives_the_committed_bytes(tmp_path: Path) -> None:
         assert path.read_bytes() == (CAPTURES / path.name).read_bytes(), path.name
 
 
-@pytest.mark.parametrize("linktype", list(make_captures.FILES))
-def test_files_hold_the_frames_with_the_link_type(linktype: LinkType) -> None:
-    with open_capture(str(CAPTURES / make_captures.FILES[linktype])) as reader:
+FILE_FRAMES = {
+    name: (linktype, make_captures.FRAMES[linktype])
+    for linktype, name in make_captures.FILES.items()
+}
+FILE_FRAMES.update(make_captures.ROUTING)
+
+
+@pytest.mark.parametrize("name", list(FILE_FRAMES))
+def test_files_hold_the_frames_with_the_link_type(name: str) -> None:
+    linktype, frames = FILE_FRAMES[name]
+    with open_capture(str(CAPTURES / name)) as reader:
         packets = list(reader)
-    assert [p.data for p in packets] == make_captures.FRAMES[linktype]
+    assert [p.data for p in packets] == frames
     assert {p.linktype for p in packets} == {linktype}
 
 
@@ -162,3 +170,34 @@ def test_mixed_pcapng_statistics() -> None:
         assert len(list(reader)) == 12
         assert [i.dropped for i in reader.interfaces] == [0, 3, 0, 1]
         assert [i.linktype for i in reader.interfaces] == list(make_captures.INTERFACES)
+
+
+EXPERT_CHAT = 0x00200000  # tshark's lowest severity (PI_CHAT): LDP notes every Hello's GTSM bit
+
+
+def _routing_info(name: str) -> list[str]:
+    """tshark's Info column for each frame the script wrote, in its order."""
+    lan = name == "routing-ethernet.pcap"
+    hello = "L1 HELLO" if lan else "P2P HELLO"
+    infos = ["Hello Packet", "LS Update", "Hello", "Update", "OPEN Message"]
+    infos += ["KEEPALIVE Message", "UPDATE Message", "UPDATE Message, KEEPALIVE Message"]
+    infos += ["Response", "Hello Message", "Hello Packet", f"{hello}, System-ID: 0000.0000.0001"]
+    infos += ["L2 LSP, LSP-ID: 0000.0000.0001.00-00, Sequence: 0x00000003, Lifetime:  1199s"]
+    infos += [f"Device ID: R1  Port ID: {'Ethernet0/0' if lan else 'Serial1/0'}"]
+    if name == "routing-frelay-ietf.pcap":  # ANSI and Q.933 Annex A (tshark's q933)
+        infos += ["STATUS ENQUIRY", "STATUS"] * 2
+    elif name == "routing-frelay-cisco.pcap":  # Cisco LMI
+        infos += ["Status Enquiry", "Status"]
+    return infos
+
+
+@tshark.required
+@pytest.mark.parametrize("name", list(make_captures.ROUTING))
+def test_tshark_names_every_routing_message_without_warnings(name: str) -> None:
+    names = ["frame.protocols", "_ws.col.Info", "_ws.expert.severity", "_ws.expert.message"]
+    rows = tshark.fields(str(CAPTURES / name), names)
+    assert [row["_ws.col.Info"][0].strip() for row in rows] == _routing_info(name)
+    for number, row in enumerate(rows, 1):
+        assert "_ws.malformed" not in row["frame.protocols"][0], number
+        severities = [int(text) for text in row["_ws.expert.severity"]]
+        assert all(s <= EXPERT_CHAT for s in severities), (number, row["_ws.expert.message"])

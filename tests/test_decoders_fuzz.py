@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from test_decoders_frames import chdlc_frames, ethernet_frames, fr_frames, ppp_frames
 
 from tunnelscope.decoders import Decoded, decode
+from tunnelscope.formats.capture import open_capture
 from tunnelscope.formats.linktype import LinkType
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+
+
+def _routing_frames(linktype: LinkType) -> list[bytes]:
+    """The frames of captures/routing-*.pcap of this link type (OSPF, BGP, IS-IS, LMI, ...)."""
+    frames = []
+    for path in sorted(CAPTURES.glob("routing-*.pcap")):
+        with open_capture(str(path)) as reader:
+            frames += [packet.data for packet in reader if packet.linktype == linktype]
+    return frames
+
 
 LINKTYPES = [
     LinkType.ETHERNET,
@@ -22,10 +39,10 @@ LINKTYPES = [
     LinkType.FRELAY_WITH_DIR,
 ]
 VALID = {
-    LinkType.ETHERNET: ethernet_frames(),
-    LinkType.C_HDLC: chdlc_frames(),
-    LinkType.PPP_SERIAL: ppp_frames(),
-    LinkType.FRELAY: fr_frames(),
+    LinkType.ETHERNET: ethernet_frames() + _routing_frames(LinkType.ETHERNET),
+    LinkType.C_HDLC: chdlc_frames() + _routing_frames(LinkType.C_HDLC),
+    LinkType.PPP_SERIAL: ppp_frames() + _routing_frames(LinkType.PPP_SERIAL),
+    LinkType.FRELAY: fr_frames() + _routing_frames(LinkType.FRELAY),
 }
 # Starts that steer random tails into every branch: link headers with each protocol number.
 PREFIXES = [
@@ -50,6 +67,11 @@ PREFIXES = [
     bytes(12) + b"\x86\xdd\x60\x00\x00\x00",
     bytes(12) + b"\x88\x47\x00\x01\x01\x40\x45",
     bytes(12) + b"\x00\x30\xaa\xaa\x03\x00\x00\x0c\x20\x00",
+    bytes(12) + b"\x00\x30\xfe\xfe\x03\x83",
+    b"\x8f\x00\xfe\xfe\x83",
+    b"\xff\x03\x00\x23\x83",
+    b"\x18\x61\x03\x83",
+    b"\x18\x61\xfe\xfe\x83",
 ]
 TYPES = (int, bool, str)
 
@@ -126,3 +148,42 @@ def test_an_ipv6_fragment_header_followed_by_options_is_malformed_not_a_crash() 
     decoded = decode(LinkType.ETHERNET, frame)
     _check(decoded, LinkType.ETHERNET)
     assert decoded.malformed and decoded.protocols[-1] == "ipv6"
+
+
+# Routing payloads behind headers whose lengths are right, so that random bytes reach the
+# routing decoders rather than stopping at an IP length check: (protocol reached, wrapper).
+_CHDLC_IP = b"\x0f\x00\x08\x00"
+ROUTING_WRAPPERS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    "ospf": ("ospf", lambda p: _CHDLC_IP + bytes(IP(proto=89) / p)),
+    "ospfv3": ("ospf", lambda p: b"\x0f\x00\x86\xdd" + bytes(IPv6(nh=89) / p)),
+    "eigrp": ("eigrp", lambda p: _CHDLC_IP + bytes(IP(proto=88) / p)),
+    "bgp": ("bgp", lambda p: _CHDLC_IP + bytes(IP() / TCP(sport=179, dport=40000) / p)),
+    "ldp-tcp": ("ldp", lambda p: _CHDLC_IP + bytes(IP() / TCP(sport=40001, dport=646) / p)),
+    "ldp-udp": ("ldp", lambda p: _CHDLC_IP + bytes(IP() / UDP(sport=646, dport=646) / p)),
+    "rip": ("rip", lambda p: _CHDLC_IP + bytes(IP() / UDP(sport=520, dport=520) / p)),
+    "isis": ("isis", lambda p: b"\x8f\x00\xfe\xfe\x83" + p),
+}
+# First bytes of well-formed payloads: version and type fields, a BGP marker, an IS-IS header.
+ROUTING_STARTS = {
+    "ospf": [b"\x02\x01", b"\x02\x04", b"\x02\x02", b"\x02\x05"],
+    "ospfv3": [b"\x03\x01", b"\x03\x04"],
+    "eigrp": [b"\x02\x05", b"\x02\x01" + bytes(18) + b"\x01\x02\x00\x1c"],
+    "bgp": [b"\xff" * 16 + b"\x00", b"\xff" * 16 + b"\x00\x17\x02"],
+    "ldp-tcp": [b"\x00\x01\x00"],
+    "ldp-udp": [b"\x00\x01\x00\x16" + bytes(6) + b"\x01\x00"],
+    "rip": [b"\x02\x02\x00\x00", b"\x01\x01\x00\x00"],
+    "isis": [b"\x14\x01\x00\x11", b"\x1b\x01\x00\x14", b"\x21\x01\x00\x18", b"\x11\x01\x00\x1a"],
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTING_WRAPPERS))
+def test_random_routing_payloads_never_raise(name: str) -> None:
+    protocol, wrap = ROUTING_WRAPPERS[name]
+    rng = random.Random(name)
+    reached = 0
+    for _ in range(1000):
+        head = rng.choice(ROUTING_STARTS[name]) if rng.random() < 0.8 else b""
+        decoded = decode(LinkType.C_HDLC, wrap(head + rng.randbytes(rng.randrange(0, 120))))
+        _check(decoded, LinkType.C_HDLC)
+        reached += protocol in decoded.protocols
+    assert reached >= 900, f"only {reached} of 1000 payloads reached {protocol}"

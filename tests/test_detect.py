@@ -74,7 +74,11 @@ def test_a_single_frame_is_a_guess_below_the_threshold(linktype: LinkType) -> No
         assert result.confidence < 0.9
 
 
-@pytest.mark.parametrize("name", ["ethernet.pcap", "chdlc.pcap", "ppp.pcap", "frelay.pcap"])
+@pytest.mark.parametrize(
+    "name",
+    ["ethernet.pcap", "chdlc.pcap", "ppp.pcap", "frelay.pcap"]
+    + sorted(path.name for path in CAPTURES.glob("routing-*.pcap")),
+)
 def test_the_reference_captures_are_detected(name: str) -> None:
     with open_capture(str(CAPTURES / name)) as reader:
         packets = list(reader)

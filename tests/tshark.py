@@ -15,6 +15,7 @@ tshark start costs about a third of a second.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -62,6 +63,15 @@ def fields(
             {name: cell.split(_OCCURRENCES) if cell else [] for name, cell in zip(names, cells)}
         )
     return rows
+
+
+@functools.cache
+def field_names() -> frozenset[str]:
+    """Every display-filter field name this tshark knows (`tshark -G fields`)."""
+    out = subprocess.run(["tshark", "-G", "fields"], capture_output=True, text=True, timeout=120)
+    return frozenset(
+        line.split("\t")[2] for line in out.stdout.splitlines() if line.startswith("F\t")
+    )
 
 
 def layers(path: str) -> list[dict[str, object]]:

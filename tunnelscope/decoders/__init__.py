@@ -1,15 +1,21 @@
 """Decode one tunnel frame into a tcpdump-like line and Wireshark-named fields.
 
-One short module per link layer (`ethernet`, `chdlc`, `ppp`, `frelay`), each with its header
-layout in its docstring; `l3` holds what they share above the link layer; `base` the result
-type and its conventions (field names, value types, repeated fields). `decode` never raises:
-a frame is decoded as far as its bytes are valid and the rest is reported as malformed.
+One short module per protocol, each with its header layout in its docstring: the link layers
+(`ethernet`, `chdlc`, `ppp`, `frelay`); `l3` with what they share above the link layer (IP,
+ARP, ICMP, UDP, TCP, MPLS, CDP); the routing protocols router labs carry, each named by
+message type: `isis` (the OSI network layer and IS-IS: C-HDLC/FR Cisco 0xFEFE, PPP 0x0023,
+LLC FE FE, FR IETF NLPID 0x83), `ospf` (v2, v3), `eigrp`, `bgp` (every message of a TCP
+segment), `rip`, `ldp`; `base` the result type and its conventions (field names, value
+types, repeated fields). `decode` never raises: a frame is decoded as far as its bytes are
+valid and the rest is reported as malformed.
 
-Where tunnelscope knowingly differs from tshark 4.0: 0x9200 VLAN tags are decoded; an 802.3
-length/type in 1501..1535 is malformed; `fr.chdlctype` is set for every Cisco-encapsulated
-frame (tshark only when it knows the protocol); `fr.nlpid` is the NLPID after an RFC 2427
-pad byte, not the pad. Keys Wireshark has no name for: `lmi.type` ("ansi", "q933" or "cisco")
-and `lmi.dlci` (Cisco LMI PVC DLCIs, `lmi.dlci_hi << 4 | lmi.dlci_low`).
+Where tunnelscope knowingly differs from tshark 4.0 (the full list: docs/decoders.md):
+0x9200 VLAN tags are decoded; an 802.3 length/type in 1501..1535 is malformed;
+`fr.chdlctype` is set for every Cisco-encapsulated frame (tshark only when it knows the
+protocol); `fr.nlpid` is the NLPID after an RFC 2427 pad byte, not the pad; BGP and LDP are
+decoded one TCP segment at a time, without reassembly. Keys Wireshark has no name for:
+`lmi.type` ("ansi", "q933" or "cisco") and `lmi.dlci` (Cisco LMI PVC DLCIs,
+`lmi.dlci_hi << 4 | lmi.dlci_low`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Field conventions (shared by every decoder):
 
 from __future__ import annotations
 
+import socket
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 Value = object  # int, bool, str, or a list of them
@@ -110,3 +113,47 @@ def _escaped(char: str) -> str:
 def name_of(table: dict[int, str], number: int, kind: str) -> str:
     """A name for the summary, also for numbers the table does not know."""
     return table.get(number) or f"{kind} {number:#x}"
+
+
+def tlvs(
+    b: Builder, data: bytes, what: str, wide: bool = True, length_counts_header: bool = True
+) -> Iterator[tuple[int, bytes]]:
+    """(type, value) of each type-length-value item in `data`, in order.
+
+    Type and length are 2 bytes each (`wide`: CDP, EIGRP, LDP) or 1 each (IS-IS, PPP options);
+    the length counts the type and length bytes or only the value. An item that does not fit
+    ends the walk and marks the frame malformed.
+    """
+    size = 4 if wide else 2
+    offset = 0
+    while offset < len(data):
+        if not b.need(data, offset + size, what):
+            return
+        if wide:
+            kind, length = struct.unpack_from(">HH", data, offset)
+        else:
+            kind, length = data[offset], data[offset + 1]
+        end = offset + length if length_counts_header else offset + size + length
+        if end < offset + size or end > len(data):
+            b.bad(f"{what} length {length}")
+            return
+        yield kind, data[offset + size : end]
+        offset = end
+
+
+def ipv4_prefixes(b: Builder, data: bytes, length_name: str, prefix_name: str) -> list[str]:
+    """Packed IPv4 prefixes (BGP NLRI, EIGRP destinations): each a prefix length (1), then only
+    its significant bytes. Appends both to the fields; returns them as `prefix/length`."""
+    shown, offset = [], 0
+    while offset < len(data):
+        length = data[offset]
+        size = (length + 7) // 8
+        if length > 32 or offset + 1 + size > len(data):
+            b.bad(f"IPv4 prefix /{length} past the end of its field")
+            break
+        prefix = socket.inet_ntoa(data[offset + 1 : offset + 1 + size].ljust(4, b"\0"))
+        b.append(length_name, length)
+        b.append(prefix_name, prefix)
+        shown.append(f"{prefix}/{length}")
+        offset += 1 + size
+    return shown

@@ -1,7 +1,8 @@
 """Cisco HDLC (LINKTYPE 104) and SLARP, its keepalive and address protocol.
 
   address (1): 0x0F unicast, 0x8F broadcast | control (1): 0x00 | protocol (2): an ethertype
-  protocol 0x8035 SLARP, 0x2000 CDP, otherwise as on Ethernet (0x0800 IPv4, 0x86DD IPv6)
+  protocol 0x8035 SLARP, 0x2000 CDP, 0xFEFE OSI (IS-IS), otherwise as on Ethernet (0x0800
+  IPv4, 0x86DD IPv6)
 
 SLARP (after the 4-byte header):
   packet type u32: 0 request, 1 reply, 2 line keepalive
@@ -16,11 +17,12 @@ from __future__ import annotations
 import socket
 import struct
 
-from tunnelscope.decoders import l3
+from tunnelscope.decoders import isis, l3
 from tunnelscope.decoders.base import Builder
 
 PROTOCOL_SLARP = 0x8035
 PROTOCOL_CDP = 0x2000
+PROTOCOL_OSI = 0xFEFE
 _ADDRESSES = {0x0F: "unicast", 0x8F: "broadcast"}
 
 
@@ -44,6 +46,8 @@ def protocol(b: Builder, proto: int, data: bytes) -> None:
         _slarp(b, data)
     elif proto == PROTOCOL_CDP:
         l3.cdp(b, data)
+    elif proto == PROTOCOL_OSI:
+        isis.osi(b, data)
     else:
         l3.ethertype(b, proto, data)
 

@@ -6,6 +6,7 @@
        | the next type/length (2)
   LLC: DSAP (1) | SSAP (1) | control (1; 2 for I and S frames)
        SNAP (DSAP = SSAP = 0xAA, control 0x03): OUI (3) | PID (2, an ethertype when OUI = 0)
+       OSI (DSAP = SSAP = 0xFE, control 0x03): an OSI PDU (IS-IS)
 
 Tags are named as tshark 4.0 names them: a 0x88a8 tag is `ieee8021ad.*`, 0x8100 and 0x9100
 tags are `vlan.*`, one list entry per tag, outer first. tshark 4.0 does not decode 0x9200;
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import struct
 
-from tunnelscope.decoders import l3
+from tunnelscope.decoders import isis, l3
 from tunnelscope.decoders.base import Builder
 
 _TAGS = {0x8100: "vlan", 0x9100: "vlan", 0x9200: "vlan", 0x88A8: "ieee8021ad"}
 _MAX_LENGTH = 1500  # 802.3: larger values below 0x0600 are neither a length nor a type
 _LLC_SAPS = {0x42: ("stp", "STP")}
+_LLC_OSI = 0xFE
 
 
 def decode(b: Builder, data: bytes) -> None:
@@ -92,6 +94,8 @@ def _llc(b: Builder, data: bytes) -> None:
         pid_name = "llc.type" if oui == 0 else "llc.cisco_pid" if oui == l3.CISCO_OUI else "llc.pid"
         b.fields.update({"llc.oui": oui, pid_name: pid})
         l3.snap(b, oui, pid, data[8:])
+    elif dsap == ssap == _LLC_OSI and control == 0x03:
+        isis.osi(b, data[size:])
     elif dsap == ssap and dsap in _LLC_SAPS:
         b.layer(*_LLC_SAPS[dsap])
     else:

@@ -7,7 +7,8 @@ Q.922 address (2 bytes; 3 or 4 when EA = 0 in byte 1):
   4 bytes: byte 2 = DLCI 7 more bits | EA = 0; byte 3 = DLCI 6 | D/C | EA = 1   (23-bit DLCI)
 After the address, either
   Cisco: protocol (2), Cisco HDLC's numbers (0x0800 IPv4, 0x8035 SLARP, 0x2000 CDP), or
-  IETF:  control 0x03 | [pad 0x00] | NLPID (1): 0xCC IPv4, 0x8E IPv6, 0xCF PPP, 0x81-0x83 OSI,
+  IETF:  control 0x03 | [pad 0x00] | NLPID (1): 0xCC IPv4, 0x8E IPv6, 0xCF PPP, 0x81-0x83 OSI
+         (the NLPID is the OSI PDU's first byte: 0x83 IS-IS),
          0x80 SNAP: OUI (3) | PID (2) (OUI 0: an ethertype; OUI 0080C2 PID 1/7: bridged Ethernet
          with/without FCS), 0x08 Q.933 (LMI on DLCI 0), 0x09 Cisco LMI (DLCI 1023)
 LMI after the NLPID:
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import struct
 
-from tunnelscope.decoders import chdlc, ethernet, l3, ppp
+from tunnelscope.decoders import chdlc, ethernet, isis, l3, ppp
 from tunnelscope.decoders.base import Builder, name_of
 
 CONTROL_UI = 0x03
@@ -34,7 +35,7 @@ NLPID_SNAP = 0x80
 NLPID_IPV6 = 0x8E
 NLPID_IPV4 = 0xCC
 NLPID_PPP = 0xCF
-_NAMED_NLPIDS = {0x81: ("clnp", "CLNP"), 0x82: ("esis", "ES-IS"), 0x83: ("isis", "IS-IS")}
+_NAMED_NLPIDS = {0x81: ("clnp", "CLNP"), 0x82: ("esis", "ES-IS")}
 _BRIDGED_OUI = 0x0080C2
 _BRIDGED_ETHERNET = {0x0001: 4, 0x0007: 0}  # PID -> FCS bytes at the end
 _SHIFT_ANSI = 0x95  # locking shift to codeset 5: the elements that follow are ANSI T1.617
@@ -141,6 +142,8 @@ def _ietf(b: Builder, data: bytes) -> None:
         _q933(b, data)
     elif nlpid == NLPID_CISCO_LMI:
         _cisco_lmi(b, data)
+    elif nlpid == isis.NLPID_ISIS:
+        isis.decode(b, bytes([nlpid]) + data)
     elif nlpid in _NAMED_NLPIDS:
         b.layer(*_NAMED_NLPIDS[nlpid])
     else:
@@ -151,7 +154,11 @@ def _snap(b: Builder, data: bytes) -> None:
     if not b.need(data, 5, "SNAP header"):
         return
     oui, pid = int.from_bytes(data[:3], "big"), int.from_bytes(data[3:5], "big")
-    b.fields.update({"fr.snap.oui": oui, "fr.snaptype" if oui == 0 else "fr.snap.pid": pid})
+    # as tshark names the PID: an ethertype, a Cisco PID (the LLC dissector's name), or other
+    pid_name = (
+        "fr.snaptype" if oui == 0 else "llc.cisco_pid" if oui == l3.CISCO_OUI else "fr.snap.pid"
+    )
+    b.fields.update({"fr.snap.oui": oui, pid_name: pid})
     data = data[5:]
     if oui == _BRIDGED_OUI and pid in _BRIDGED_ETHERNET:
         ethernet.decode(b, data[: len(data) - _BRIDGED_ETHERNET[pid]])

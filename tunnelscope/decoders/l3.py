@@ -3,7 +3,9 @@
 A link decoder finds a protocol number (ethertype, SNAP OUI/PID, PPP protocol, NLPID) and
 hands the payload here. IPv4, IPv6, ARP, ICMP, ICMPv6, UDP and TCP are parsed by dpkt; this
 module only checks what dpkt lets through (lengths past the end of the frame) and names the
-fields the Wireshark way.
+fields the Wireshark way. Routing protocols go to their own modules: IP protocol 88 `eigrp`,
+89 `ospf`; UDP port 520 `rip`, 646 `ldp`; TCP port 179 `bgp`, 646 `ldp` (the lower of the
+two ports first, as tshark tries them).
 
 CDP (Cisco; SNAP 00000C/2000, C-HDLC 0x2000, PPP 0x0207):
   version u8 | ttl u8 | checksum u16 | TLVs: type u16, length u16 (header included), value
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 
 import dpkt
 
-from tunnelscope.decoders.base import Builder, frame_text, name_of
+from tunnelscope.decoders import bgp, eigrp, ldp, ospf, rip
+from tunnelscope.decoders.base import Builder, frame_text, name_of, tlvs
 
 # dpkt reports short headers with UnpackError; odd option bytes can surface as the others.
 # AttributeError: dpkt's IP6 reads `frag_off` of whatever extension header came last when the
@@ -47,8 +51,6 @@ _NAMED_IP_PROTOCOLS = {
     47: ("gre", "GRE"),
     50: ("esp", "ESP"),
     51: ("ah", "AH"),
-    88: ("eigrp", "EIGRP"),
-    89: ("ospf", "OSPF"),
     103: ("pim", "PIM"),
     112: ("vrrp", "VRRP"),
 }
@@ -87,6 +89,10 @@ _ARP_OPCODES = {
     8: "InARP request",
     9: "InARP reply",
 }
+# Routing protocols, each in its own module: by IP protocol, by UDP and TCP port.
+_ROUTING_IP_PROTOCOLS = {88: eigrp.decode, 89: ospf.decode}
+_UDP_PORTS = {rip.PORT: rip.decode, ldp.PORT: ldp.decode}
+_TCP_PORTS = {bgp.PORT: bgp.decode, ldp.PORT: ldp.decode}
 _TCP_FLAGS = "FSRPAUEC"  # bit 0 upwards, as tcpdump letters them ("A" printed as ".")
 _CDP_STRINGS = {1: ("cdp.deviceid", "device"), 3: ("cdp.portid", "port"), 6: ("cdp.platform", None)}
 CISCO_OUI = 0x00000C
@@ -211,8 +217,14 @@ def _transport(b: Builder, proto: int, payload: object, v6: bool) -> None:
         b.text(f"UDP {payload.sport} > {payload.dport} len {payload.ulen - 8}")
         if not 8 <= payload.ulen <= 8 + len(payload.data):
             b.bad(f"UDP length {payload.ulen}")
+            return
+        _application(b, _UDP_PORTS, payload.sport, payload.dport, payload.data[: payload.ulen - 8])
     elif proto == dpkt.ip.IP_PROTO_TCP:
         _tcp(b, payload)
+    elif proto in _ROUTING_IP_PROTOCOLS:
+        # dpkt parses OSPF itself; its own __bytes__ would refill a zero checksum
+        raw = payload if isinstance(payload, bytes) else dpkt.Packet.__bytes__(payload)
+        _ROUTING_IP_PROTOCOLS[proto](b, raw)
     elif proto in _NAMED_IP_PROTOCOLS:
         name, text = _NAMED_IP_PROTOCOLS[proto]
         b.layer(name, text)
@@ -242,6 +254,22 @@ def _tcp(b: Builder, tcp: object) -> None:
         }
     )
     b.text(f"TCP {tcp.sport} > {tcp.dport} [{letters}] seq {tcp.seq} len {len(tcp.data)}")
+    if tcp.data:
+        _application(b, _TCP_PORTS, tcp.sport, tcp.dport, tcp.data)
+
+
+def _application(
+    b: Builder,
+    decoders: dict[int, Callable[[Builder, bytes], None]],
+    sport: int,
+    dport: int,
+    data: bytes,
+) -> None:
+    """The protocol a well-known port names, the lower port first (as tshark tries them)."""
+    for port in sorted((sport, dport)):
+        if port in decoders:
+            decoders[port](b, data)
+            return
 
 
 def _icmp(b: Builder, message: object, protocol: str) -> None:
@@ -335,19 +363,10 @@ def cdp(b: Builder, data: bytes) -> None:
     version, ttl = data[0], data[1]
     b.fields.update({"cdp.version": version, "cdp.ttl": ttl})
     words = [f"CDPv{version}"]
-    offset = 4
-    while offset < len(data):
-        if not b.need(data, offset + 4, "CDP TLV"):
-            break
-        kind, length = struct.unpack_from(">HH", data, offset)
-        if length < 4 or offset + length > len(data):
-            b.bad(f"CDP TLV length {length}")
-            break
+    for kind, value in tlvs(b, data[4:], "CDP TLV"):
         if kind in _CDP_STRINGS:
             name, word = _CDP_STRINGS[kind]
-            value = data[offset + 4 : offset + length]
             b.fields[name] = value.decode("utf-8", "replace")
             if word:
                 words.append(f"{word} {frame_text(value)}")
-        offset += length
     b.text(" ".join(words))

@@ -3,7 +3,7 @@
 address (1) 0xFF | control (1) 0x03 | protocol (2, or 1 when its first byte is odd: PFC) | info
 FF 03 may be absent (ACFC). A frame starting 0x0F/0x8F is Cisco HDLC: libpcap's PPP_SERIAL
 link type carries Cisco serial framing too, and Wireshark decodes it as such ("ppp:chdlc").
-protocol 0x0021 IPv4, 0x0057 IPv6, 0x0207 CDP, 0x0281 MPLS
+protocol 0x0021 IPv4, 0x0023 OSI (IS-IS), 0x0057 IPv6, 0x0207 CDP, 0x0281 MPLS
 control protocols (LCP 0xC021, IPCP 0x8021, IPV6CP 0x8057, CCP 0x80FD, ...):
     code (1) | identifier (1) | length (2, header included) | data
     LCP Echo-Request/Echo-Reply/Discard-Request data start with the magic number (4)
@@ -17,8 +17,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from tunnelscope.decoders import chdlc, l3
-from tunnelscope.decoders.base import Builder, frame_text, name_of
+from tunnelscope.decoders import chdlc, isis, l3
+from tunnelscope.decoders.base import Builder, frame_text, name_of, tlvs
 
 PROTOCOL_LCP = 0xC021
 _CONTROL_PROTOCOLS = {
@@ -90,6 +90,8 @@ def protocol(b: Builder, proto: int, data: bytes) -> None:
     """Decode what a PPP protocol number announces."""
     if proto == 0x0021:
         l3.ipv4(b, data)
+    elif proto == 0x0023:
+        isis.osi(b, data)
     elif proto == 0x0057:
         l3.ipv6(b, data)
     elif proto == 0x0207:
@@ -143,16 +145,7 @@ def _control(b: Builder, proto: int, data: bytes) -> None:
 
 def _options(b: Builder, protocol_name: str, body: bytes) -> None:
     """Configure-Request/Ack/Nak/Reject options: type (1) | length (1, header included) | value."""
-    offset = 0
-    while offset < len(body):
-        if not b.need(body, offset + 2, "option"):
-            return
-        kind, length = body[offset], body[offset + 1]
-        if length < 2 or offset + length > len(body):
-            b.bad(f"option length {length}")
-            return
-        value = body[offset + 2 : offset + length]
-        offset += length
+    for kind, value in tlvs(b, body, "option", wide=False):
         b.append(f"{protocol_name}.opt.type", kind)
         known = _OPTIONS.get((protocol_name, kind))
         if known and len(value) >= known[1]:
