@@ -71,10 +71,9 @@ def soak(case: list[str], frames: int, rate: float, directory: str) -> list[tupl
             match = RECEIVED.search(line)
             if match:
                 readings.append((int(match.group(1)), rss_mib(bridge.pid)))
-            if blast.poll() is not None and readings and readings[-1][0] >= frames * 0.99:
-                break
-            if time.monotonic() > deadline:
-                break
+            settled = len(readings) > 1 and readings[-1][0] == readings[-2][0]
+            if (blast.poll() is not None and settled) or time.monotonic() > deadline:
+                break  # every frame that will come has come
     finally:
         for process in (blast, bridge, sink):
             process.terminate()
