@@ -1,11 +1,14 @@
 """`tunnelscope decode FILE|-`: print a capture's frames, one line (or JSON object) each.
 
 Reads what tunnelscope and Wireshark write, files and pipes alike, and decodes the link
-layers of lab tunnels that tcpdump and scapy cannot (Cisco HDLC, PPP, Frame Relay).
+layers of lab tunnels that tcpdump and scapy cannot (Cisco HDLC, PPP, Frame Relay) with the
+built-in decoders, or everything above them with Wireshark's dissectors when tshark is
+installed (`tunnelscope.decoders.wireshark`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -17,8 +20,15 @@ import click
 
 from tunnelscope.cli.common import Failure
 from tunnelscope.decoders import decode as decode_frame
-from tunnelscope.decoders.base import printable
-from tunnelscope.formats.capture import Reader, open_capture
+from tunnelscope.decoders.base import Decoded, printable
+from tunnelscope.decoders.wireshark import (
+    DISSECTORS,
+    DissectError,
+    FileDissection,
+    choose,
+    headline,
+)
+from tunnelscope.formats.capture import Reader, open_capture, read_capture
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.formats.packet import CaptureFormatError, Direction, Packet
 
@@ -37,7 +47,28 @@ _P2P_DIR = {0: Direction.OUTBOUND, 1: Direction.INBOUND}  # tshark's frame.p2p_d
     help="Decode every frame as TYPE (ethernet, hdlc, ppp, fr or a LINKTYPE number), "
     "whatever link type the file declares.",
 )
-def decode(path: str, count: int | None, as_json: bool, linktype: str | None) -> None:
+@click.option(
+    "--dissect",
+    type=click.Choice(DISSECTORS),
+    default="auto",
+    show_default=True,
+    help="Whose dissectors: Wireshark's (tshark), the built-in decoders, or auto: "
+    "Wireshark's when tshark is installed.",
+)
+@click.option(
+    "-Y",
+    "--display-filter",
+    metavar="FILTER",
+    help="Print only the frames matching a Wireshark display filter (needs tshark).",
+)
+def decode(
+    path: str,
+    count: int | None,
+    as_json: bool,
+    linktype: str | None,
+    dissect: str,
+    display_filter: str | None,
+) -> None:
     """Print the frames of a pcap or pcapng capture (FILE, or - for standard input).
 
     One line per frame, as tcpdump prints them: local time, link (the interface name, or the link
@@ -47,6 +78,13 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
     --json prints one object per line instead: number, time (seconds since the epoch),
     interface, linktype, direction ("out", "in" or null), summary, fields (keyed by Wireshark
     display-filter names, e.g. fr.dlci, slarp.mysequence), protocols, malformed, comment.
+
+    --dissect wireshark (the default when tshark is installed) hands the capture to
+    Wireshark's dissectors: the summary is Wireshark's Info column ("Hello Packet",
+    "KEEPALIVE Message"), fields hold every field Wireshark shows plus _ws.col.Info and
+    _ws.col.Protocol, protocols is tshark's frame.protocols, and -Y keeps only the frames a
+    display filter matches. --dissect builtin uses tunnelscope's own decoders (link layers,
+    IP, ICMP, UDP, TCP), which need no tshark and are several times faster.
 
     Exit status: 0 when the whole capture was read; 1 when it ends in a damaged record (the
     frames before it are printed, a warning goes to stderr); 2 when it cannot be read at
@@ -61,7 +99,19 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
           | tunnelscope decode -
       # a Cisco HDLC capture that another tool labelled Ethernet (no editcap -T needed)
       tunnelscope decode --linktype hdlc serial.pcap
+      tunnelscope decode -Y 'ospf || bgp' r1-r2.pcap
+      tunnelscope decode --dissect builtin -c 100 big.pcap
     """
+    try:
+        dissector = choose(dissect)
+    except DissectError as exc:
+        raise Failure(str(exc)) from None
+    if display_filter and dissector != "wireshark":
+        raise Failure("-Y needs Wireshark's dissectors: install tshark, or drop --dissect builtin")
+    if dissector == "wireshark" and linktype is not None:
+        raise Failure(
+            "--linktype works with --dissect builtin (tshark decodes the file's link type)"
+        )
     forced = None
     if linktype is not None:
         try:
@@ -70,8 +120,13 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
             raise Failure(f"--linktype: {exc}") from None
     name = "standard input" if path == "-" else path
     try:
-        with open_capture(path) as reader:
-            problem = _print_frames(reader, count, as_json, forced, _is_live(path))
+        if dissector == "wireshark":
+            problem = _print_dissected(path, count, as_json, display_filter)
+        else:
+            with open_capture(path) as reader:
+                problem = _print_frames(reader, count, as_json, forced, _is_live(path))
+    except DissectError as exc:
+        raise Failure(str(exc)) from None
     except CaptureFormatError as exc:  # the file header: nothing could be read
         raise Failure(f"{name}: {exc}") from None
     except OSError as exc:
@@ -97,10 +152,56 @@ def _print_frames(
         if packet is None:
             break
         number += 1
-        frame = _frame(reader, packet, number, forced)
+        linktype = int(forced or packet.linktype)
+        frame = _frame(reader, packet, number, linktype, decode_frame(linktype, packet.data))
         if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
             return None
     _write("", flush=True)
+    return None
+
+
+def _print_dissected(
+    path: str, count: int | None, as_json: bool, display_filter: str | None
+) -> str | None:
+    """As `_print_frames`, with Wireshark's dissection of each frame the filter keeps.
+
+    tshark reads the same capture (the file, or a copy of standard input); this process
+    reads it too for what the line shows around the dissection (time, interface, direction,
+    comment), stepping to each frame number tshark reports.
+    """
+    live = _is_live(path)
+    printed = 0
+    with contextlib.ExitStack() as stack:
+        dissection = stack.enter_context(FileDissection(path, display_filter))
+        if dissection.input is None:
+            reader = stack.enter_context(open_capture(path))
+        else:
+            reader = read_capture(dissection.input)
+        frames = enumerate(reader, 1)
+        for number, decoded in dissection:
+            if printed == count:
+                return None
+            try:
+                packet = next((p for n, p in frames if n == number), None)
+            except (CaptureFormatError, OSError) as exc:
+                return str(exc) if isinstance(exc, CaptureFormatError) else exc.strerror
+            if packet is None:
+                break
+            printed += 1
+            frame = _frame(reader, packet, number, int(packet.linktype), decoded)
+            if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+                return None
+        _write("", flush=True)
+        try:
+            for _ in frames:  # a damaged record after tshark's last frame: say so, as builtin
+                pass
+        except CaptureFormatError as exc:
+            return str(exc)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        failure = dissection.failure()
+    if failure:
+        raise DissectError(failure)
     return None
 
 
@@ -125,11 +226,9 @@ def _write(line: str, flush: bool) -> bool:
     return True
 
 
-def _frame(reader: Reader, packet: Packet, number: int, forced: LinkType | None) -> dict:
+def _frame(reader: Reader, packet: Packet, number: int, linktype: int, decoded: Decoded) -> dict:
     """The JSON object of one frame; the text line is made from it too."""
-    linktype = int(forced or packet.linktype)
     known = _known(linktype)
-    decoded = decode_frame(linktype, packet.data)
     seconds, fraction = divmod(packet.ts_ns, 1_000_000_000)
     direction = packet.direction  # pcapng flags, else the 204-206 direction byte
     if not direction and "frame.p2p_dir" in decoded.fields:
@@ -159,7 +258,7 @@ def _line(frame: dict[str, Any], packet: Packet, reader: Reader) -> str:
     parts.append(printable(frame["interface"] or frame["linktype"]))  # names from the file
     if frame["direction"]:
         parts.append(_ARROWS[frame["direction"]])
-    parts.append(frame["summary"])
+    parts.append(headline(frame["fields"], frame["summary"]))
     if frame["comment"]:
         parts.append(f"# {printable(frame['comment'])}")
     return " ".join(parts)
