@@ -53,33 +53,39 @@ PROTOCOL_FIELDS = {  # fields each protocol must show when it is in a frame (not
 }
 
 
-def _ip(dst: str) -> IP:
-    return IP(src="10.0.0.1", dst=dst, ttl=1)
+def _ip(dst: str, ident: int = 1) -> IP:
+    return IP(src="10.0.0.1", dst=dst, ttl=1, id=ident)
 
 
-def routing_frames() -> list[bytes]:
-    """C-HDLC frames of the routing protocols router labs carry, as scapy builds them."""
-    hello = _ip("224.0.0.5") / OSPF_Hdr(src="1.1.1.1") / OSPF_Hello()
+def routing_frames(ident: int = 1) -> list[bytes]:
+    """C-HDLC frames of the routing protocols router labs carry, as scapy builds them;
+    `ident` (IP ID, IS-IS circuit ID, TCP sequence) makes each set differ from another."""
+    hello = _ip("224.0.0.5", ident) / OSPF_Hdr(src="1.1.1.1") / OSPF_Hello()
     lsa = OSPF_Router_LSA(id="1.1.1.1", adrouter="1.1.1.1")
-    update = _ip("224.0.0.5") / OSPF_Hdr(src="1.1.1.1") / OSPF_LSUpd(lsalist=[lsa])
-    keepalive = TCP(sport=179, dport=40000, flags="PA", seq=1, ack=1) / BGPHeader(type=4)
-    opening = TCP(sport=40001, dport=179, flags="PA", seq=1, ack=1) / BGPHeader(type=1)
+    update = _ip("224.0.0.5", ident) / OSPF_Hdr(src="1.1.1.1") / OSPF_LSUpd(lsalist=[lsa])
+    keepalive = TCP(sport=179, dport=40000, flags="PA", seq=ident, ack=1) / BGPHeader(type=4)
+    opening = TCP(sport=40001, dport=179, flags="PA", seq=ident, ack=1) / BGPHeader(type=1)
     return [
         CHDLC_IPV4 + bytes(hello),
         CHDLC_IPV4 + bytes(update),
-        CHDLC_IPV4 + bytes(_ip("10.0.0.2") / keepalive),
-        CHDLC_IPV4 + bytes(_ip("10.0.0.2") / opening / BGPOpen(my_as=65001, bgp_id="1.1.1.1")),
-        CHDLC_IPV4 + bytes(_ip("224.0.0.10") / EIGRP(opcode=5, asn=100, tlvlist=[EIGRPParam()])),
+        CHDLC_IPV4 + bytes(_ip("10.0.0.2", ident) / keepalive),
+        CHDLC_IPV4
+        + bytes(_ip("10.0.0.2", ident) / opening / BGPOpen(my_as=65001, bgp_id="1.1.1.1")),
+        CHDLC_IPV4
+        + bytes(_ip("224.0.0.10", ident) / EIGRP(opcode=5, asn=100, tlvlist=[EIGRPParam()])),
         CHDLC_IPV4
         + bytes(
-            _ip("224.0.0.9")
+            _ip("224.0.0.9", ident)
             / UDP(sport=520, dport=520)
             / RIP(cmd=2, version=2)
             / RIPEntry(addr="10.1.0.0", mask="255.255.0.0", metric=1)
         ),
         CHDLC_OSI
         + b"\x03"
-        + bytes(ISIS_CommonHdr() / ISIS_P2P_Hello(circuittype=3, sourceid="0000.0000.0001")),
+        + bytes(
+            ISIS_CommonHdr()
+            / ISIS_P2P_Hello(circuittype=3, sourceid="0000.0000.0001", localcircuitid=ident % 256)
+        ),
     ]
 
 

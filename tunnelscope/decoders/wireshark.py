@@ -295,6 +295,15 @@ def headline(fields: dict[str, object], summary: str) -> str:
     return f"{column} {summary}" if column else summary
 
 
+def protocol_column(decoded: Decoded) -> str:
+    """The protocol a frame carries, for per-protocol counts: Wireshark's Protocol column
+    ("OSPF"), or for a built-in decoding its top protocol in capitals ("ICMP")."""
+    column = decoded.fields.get("_ws.col.Protocol")
+    if column:
+        return str(column)
+    return decoded.protocols[-1].upper() if decoded.protocols else "unknown"
+
+
 # ------------------------------------------------------------------------------- process
 
 
@@ -513,6 +522,28 @@ class Dissector:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class Dissectors:
+    """A `Dissector` per link type, each started when its first frame comes; for reports
+    over captures that hold several link types. Frames wait for tshark rather than drop."""
+
+    def __init__(self, on_result: Result) -> None:
+        self.on_result = on_result
+        self.by_linktype: dict[int, Dissector] = {}
+
+    def submit(self, linktype: int, data: bytes, tag: object = None) -> None:
+        dissector = self.by_linktype.get(linktype)
+        if dissector is None:
+            dissector = Dissector(linktype, self.on_result, live=False)
+            self.by_linktype[linktype] = dissector
+        dissector.submit(data, tag, block=True)
+
+    def close(self) -> str | None:
+        """Wait for every answer; why a tshark stopped early, if one did."""
+        for dissector in self.by_linktype.values():
+            dissector.close()
+        return next((d.failure for d in self.by_linktype.values() if d.failure), None)
 
 
 def dissect(linktype: int, frames: list[bytes]) -> list[Decoded]:
