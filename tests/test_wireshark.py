@@ -375,3 +375,15 @@ def test_damaged_files_end_as_with_the_builtin_decoders(
         assert (done.returncode, stderr.count("\n")) == (status, 1), (args, stderr)
         assert message in stderr and "Traceback" not in stderr
         assert len(done.stdout.splitlines()) <= printed
+
+
+@tshark.required
+def test_a_tshark_that_never_answers_is_killed_on_close_not_waited_for() -> None:
+    dissector = Dissector(LinkType.C_HDLC, lambda _tag, _d: None, 8)
+    os.kill(dissector._process.popen.pid, signal.SIGSTOP)
+    for _ in range(5000):
+        dissector.submit(routing_frames()[0])
+    started = time.monotonic()
+    dissector.close(timeout=2)
+    assert time.monotonic() - started < 15
+    assert dissector.failure and dissector.dropped > 0

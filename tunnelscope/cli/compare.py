@@ -25,8 +25,8 @@ from tunnelscope.analysis.compare import (
     compare,
     parse_ignore,
 )
-from tunnelscope.cli.common import POSITIVE, Failure, echo_json
-from tunnelscope.decoders.wireshark import DISSECTORS, DissectError, choose
+from tunnelscope.cli.common import POSITIVE, Failure, dissect_option, dissector_for, echo_json
+from tunnelscope.decoders.wireshark import DissectError
 
 
 @click.command(name="compare")
@@ -55,14 +55,7 @@ from tunnelscope.decoders.wireshark import DISSECTORS, DissectError, choose
     help="List at most N frames per kind and direction (0: all); counts are always complete.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option(
-    "--dissect",
-    type=click.Choice(DISSECTORS),
-    default="auto",
-    show_default=True,
-    help="Whose dissectors describe the listed frames and count losses per protocol: "
-    "Wireshark's (tshark), the built-in decoders, or auto: Wireshark's when tshark is installed.",
-)
+@dissect_option("describe the listed frames and count losses per protocol")
 def compare_command(
     a: str,
     b: str | None,
@@ -110,8 +103,8 @@ def compare_command(
       tunnelscope compare access.pcap trunk.pcap --ignore vlan
       tunnelscope compare r1-eth.pcap r1-serial.pcap --ignore l2,ttl
     """
+    dissector = dissector_for(dissect)
     try:
-        dissector = choose(dissect)
         selections = [Selection.parse(text) for text in (a, b) if text is not None]
         with _progress() as progress:
             report = compare(

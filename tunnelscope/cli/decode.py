@@ -18,14 +18,12 @@ from typing import Any
 
 import click
 
-from tunnelscope.cli.common import Failure
+from tunnelscope.cli.common import Failure, dissect_option, dissector_for
 from tunnelscope.decoders import decode as decode_frame
 from tunnelscope.decoders.base import Decoded, printable
 from tunnelscope.decoders.wireshark import (
-    DISSECTORS,
     DissectError,
     FileDissection,
-    choose,
     headline,
 )
 from tunnelscope.formats.capture import Reader, open_capture, read_capture
@@ -47,14 +45,7 @@ _P2P_DIR = {0: Direction.OUTBOUND, 1: Direction.INBOUND}  # tshark's frame.p2p_d
     help="Decode every frame as TYPE (ethernet, hdlc, ppp, fr or a LINKTYPE number), "
     "whatever link type the file declares.",
 )
-@click.option(
-    "--dissect",
-    type=click.Choice(DISSECTORS),
-    default="auto",
-    show_default=True,
-    help="Whose dissectors: Wireshark's (tshark), the built-in decoders, or auto: "
-    "Wireshark's when tshark is installed.",
-)
+@dissect_option("decode the frames")
 @click.option(
     "-Y",
     "--display-filter",
@@ -102,10 +93,7 @@ def decode(
       tunnelscope decode -Y 'ospf || bgp' r1-r2.pcap
       tunnelscope decode --dissect builtin -c 100 big.pcap
     """
-    try:
-        dissector = choose(dissect)
-    except DissectError as exc:
-        raise Failure(str(exc)) from None
+    dissector = dissector_for(dissect)
     if display_filter and dissector != "wireshark":
         raise Failure("-Y needs Wireshark's dissectors: install tshark, or drop --dissect builtin")
     if dissector == "wireshark" and linktype is not None:

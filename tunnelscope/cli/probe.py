@@ -10,8 +10,17 @@ import click
 
 from tunnelscope.analysis.traffic import attribute_losses, plot_report, probe_report, run_probe
 from tunnelscope.cli.blast import framing_options, open_factory, open_nio, stop_on_signals
-from tunnelscope.cli.common import COUNT, NON_NEGATIVE, POSITIVE, Failure, FiniteFloat, echo_json
-from tunnelscope.decoders.wireshark import DISSECTORS, DissectError, choose
+from tunnelscope.cli.common import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    Failure,
+    FiniteFloat,
+    dissect_option,
+    dissector_for,
+    echo_json,
+)
+from tunnelscope.decoders.wireshark import DissectError
 from tunnelscope.formats.packet import CaptureFormatError
 
 
@@ -41,14 +50,7 @@ from tunnelscope.formats.packet import CaptureFormatError
     help="The pre-point pcapng of the tunnelscope bridge on the path: name the impairment"
     " that dropped each lost probe, or say it was lost outside tunnelscope.",
 )
-@click.option(
-    "--dissect",
-    type=click.Choice(DISSECTORS),
-    default="auto",
-    show_default=True,
-    help="With --bridge-capture, whose dissectors name the dropped frames and count them per "
-    "protocol: Wireshark's (tshark), the built-in decoders, or auto.",
-)
+@dissect_option("name the frames --bridge-capture shows dropped and count them per protocol")
 def probe(
     source: str,
     target: str,
@@ -89,10 +91,7 @@ def probe(
       tunnelscope probe --from udp:20000:127.0.0.1:10001 --to udp:20001:127.0.0.1:10002 \\
           --bridge-capture path.pcapng
     """
-    try:
-        dissector = choose(dissect) if bridge_capture else "builtin"
-    except DissectError as exc:
-        raise Failure(str(exc)) from None
+    dissector = dissector_for(dissect) if bridge_capture else "builtin"
     factory = open_factory(framing)
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise Failure("--plot needs matplotlib: pip install 'tunnelscope[plot]'")

@@ -41,6 +41,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -509,11 +510,20 @@ class Dissector:
             self.on_result(self._tags.popleft() if self._tags else None, decoded)
         self.failure = self._process.failure()
 
-    def close(self) -> None:
-        """Dissect what was submitted, then stop tshark."""
-        with contextlib.suppress(ValueError):
+    def close(self, timeout: float = 60.0) -> None:
+        """Dissect what was submitted, then stop tshark; a tshark that takes or answers
+        nothing for `timeout` seconds is killed (`failure` says so), never waited for."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:  # tshark takes nothing: killed, the writer drains the queue
+            self._process.popen.kill()
             self._queue.put(None)
-        self._reader.join()
+        self._reader.join(max(0.0, deadline - time.monotonic()))
+        if self._reader.is_alive():
+            self._process.popen.kill()
+            self._reader.join(5)
+            self.failure = f"tshark gave no answer in {timeout:g} s"
         self._writer.join(timeout=5)
         self._process.stop()
 
