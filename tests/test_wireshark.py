@@ -387,3 +387,21 @@ def test_a_tshark_that_never_answers_is_killed_on_close_not_waited_for() -> None
     dissector.close(timeout=2)
     assert time.monotonic() - started < 15
     assert dissector.failure and dissector.dropped > 0
+
+
+@tshark.required
+def test_linktype_override_feeds_tshark_the_frames_as_that_link_type(tmp_path: Path) -> None:
+    """A C-HDLC capture labelled Ethernet: tshark reads it as Ethernet; --linktype hdlc hands
+    the frames over as C-HDLC, as the correctly labelled file is dissected."""
+    _, frames = _reference("chdlc.pcap")
+    mislabelled = write_pcap(str(tmp_path / "wrong.pcap"), LinkType.ETHERNET, frames)
+    right = write_pcap(str(tmp_path / "right.pcap"), LinkType.C_HDLC, frames)
+    fed = decode_json("--dissect", "wireshark", "--linktype", "hdlc", mislabelled)
+    read = decode_json("--dissect", "wireshark", right)
+    assert [f["protocols"] for f in fed] == [f["protocols"] for f in read]
+    assert [f["summary"] for f in fed] == [f["summary"] for f in read]
+    assert [f["fields"]["frame.time_epoch"] for f in fed] == [
+        f["fields"]["frame.time_epoch"] for f in read
+    ]
+    assert {f["linktype"] for f in fed} == {"hdlc"}
+    assert decode_json("--dissect", "wireshark", mislabelled)[0]["protocols"][0] == "eth"

@@ -9,11 +9,14 @@ installed (`tunnelscope.decoders.wireshark`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import queue
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -23,6 +26,7 @@ from tunnelscope.decoders import decode as decode_frame
 from tunnelscope.decoders.base import Decoded, printable
 from tunnelscope.decoders.wireshark import (
     DissectError,
+    Dissector,
     FileDissection,
     headline,
 )
@@ -96,10 +100,8 @@ def decode(
     dissector = dissector_for(dissect)
     if display_filter and dissector != "wireshark":
         raise Failure("-Y needs Wireshark's dissectors: install tshark, or drop --dissect builtin")
-    if dissector == "wireshark" and linktype is not None:
-        raise Failure(
-            "--linktype works with --dissect builtin (tshark decodes the file's link type)"
-        )
+    if display_filter and linktype is not None:
+        raise Failure("-Y and --linktype do not go together (tshark filters the file as it is)")
     forced = None
     if linktype is not None:
         try:
@@ -108,11 +110,12 @@ def decode(
             raise Failure(f"--linktype: {exc}") from None
     name = "standard input" if path == "-" else path
     try:
-        if dissector == "wireshark":
+        if dissector == "wireshark" and forced is None:
             problem = _print_dissected(path, count, as_json, display_filter)
         else:
             with open_capture(path) as reader:
-                problem = _print_frames(reader, count, as_json, forced, _is_live(path))
+                printer = _print_fed if dissector == "wireshark" else _print_frames
+                problem = printer(reader, count, as_json, forced, _is_live(path))
     except DissectError as exc:
         raise Failure(str(exc)) from None
     except CaptureFormatError as exc:  # the file header: nothing could be read
@@ -128,24 +131,74 @@ def _print_frames(
     reader: Reader, count: int | None, as_json: bool, forced: LinkType | None, live: bool
 ) -> str | None:
     """Print frames until the end or `count`; return why reading stopped early, if it did."""
-    frames = iter(reader)
-    number = 0
-    while number != count:
-        try:
-            packet = next(frames, None)
-        except CaptureFormatError as exc:
-            return str(exc)
-        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
-            return exc.strerror or str(exc)
-        if packet is None:
-            break
-        number += 1
+    stopped: list[str] = []
+    for number, packet in _numbered(reader, count, stopped):
         linktype = int(forced or packet.linktype)
         frame = _frame(reader, packet, number, linktype, decode_frame(linktype, packet.data))
         if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
             return None
     _write("", flush=True)
-    return None
+    return stopped[0] if stopped else None
+
+
+def _numbered(
+    reader: Reader, count: int | None, stopped: list[str]
+) -> Iterator[tuple[int, Packet]]:
+    """(number, packet) until the end or `count`; why reading stopped early goes to `stopped`."""
+    frames = iter(reader)
+    for number in itertools.count(1):
+        if number - 1 == count:
+            return
+        try:
+            packet = next(frames, None)
+        except CaptureFormatError as exc:
+            stopped.append(str(exc))
+            return
+        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
+            stopped.append(exc.strerror or str(exc))
+            return
+        if packet is None:
+            return
+        yield number, packet
+
+
+def _print_fed(
+    reader: Reader, count: int | None, as_json: bool, forced: LinkType | None, live: bool
+) -> str | None:
+    """--linktype with Wireshark's dissectors: the frames go to tshark in memory, as that
+    link type (a file tshark would read as the type it declares)."""
+    assert forced is not None
+    answers: queue.SimpleQueue[tuple[object, Decoded]] = queue.SimpleQueue()
+    stopped: list[str] = []
+    with Dissector(int(forced), lambda tag, decoded: answers.put((tag, decoded)), live=live) as (
+        dissector
+    ):
+        for number, packet in _numbered(reader, count, stopped):
+            dissector.submit(packet.data, (number, packet), packet.ts_ns, block=True)
+            if not _print_answers(answers, reader, int(forced), as_json, live):
+                return None
+    if not _print_answers(answers, reader, int(forced), as_json, live):  # close() waited
+        return None
+    if dissector.failure:
+        raise DissectError(dissector.failure)
+    _write("", flush=True)
+    return stopped[0] if stopped else None
+
+
+def _print_answers(
+    answers: queue.SimpleQueue[tuple[object, Decoded]],
+    reader: Reader,
+    linktype: int,
+    as_json: bool,
+    live: bool,
+) -> bool:
+    """Print the frames tshark has answered so far; False when the reader went away."""
+    while not answers.empty():
+        (number, packet), decoded = answers.get()  # type: ignore[misc]
+        frame = _frame(reader, packet, number, linktype, decoded)
+        if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+            return False
+    return True
 
 
 def _print_dissected(
