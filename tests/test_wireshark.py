@@ -405,3 +405,17 @@ def test_linktype_override_feeds_tshark_the_frames_as_that_link_type(tmp_path: P
     ]
     assert {f["linktype"] for f in fed} == {"hdlc"}
     assert decode_json("--dissect", "wireshark", mislabelled)[0]["protocols"][0] == "eth"
+
+
+@tshark.required
+def test_missing_files_and_directories_are_the_builtin_errors(tmp_path: Path) -> None:
+    for path, reason in ((tmp_path / "nope.pcap", "No such file or directory"),
+                         (tmp_path, "Is a directory")):  # fmt: skip
+        done = subprocess.run(
+            [*TUNNELSCOPE, "decode", "--dissect", "wireshark", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr == f"tunnelscope: error: {path}: {reason}\n"

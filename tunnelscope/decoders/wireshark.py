@@ -33,6 +33,7 @@ as -T fields prints them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -381,7 +382,10 @@ class FileDissection:
 
     def __init__(self, path: str, display_filter: str | None = None) -> None:
         self.input: BinaryIO | None = None
-        if path != "-" and stat.S_ISREG(os.stat(path).st_mode):
+        mode = os.stat(path).st_mode if path != "-" else stat.S_IFIFO
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if stat.S_ISREG(mode):
             self._process = _Process(["-r", path], display_filter, None, False)
             return
         source = sys.stdin.fileno() if path == "-" else os.open(path, os.O_RDONLY)
@@ -396,7 +400,7 @@ class FileDissection:
         tshark = self._process.popen.stdin
         assert tshark is not None
         try:
-            while chunk := os.read(source, _CHUNK):
+            while chunk := _read_some(source):
                 for write in (tshark.write, lambda data: os.write(ours, data)):
                     with contextlib.suppress(OSError, ValueError):
                         write(chunk)
@@ -427,6 +431,15 @@ class FileDissection:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _read_some(fd: int) -> bytes:
+    """The next bytes of a pipe; b"" at its end or when it fails (the caller's own reader of
+    the copy reports why)."""
+    try:
+        return os.read(fd, _CHUNK)
+    except OSError:
+        return b""
 
 
 Result = Callable[[object, Decoded], None]
