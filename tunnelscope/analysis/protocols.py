@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tunnelscope.decoders import decode
 from tunnelscope.decoders.base import Decoded
-from tunnelscope.decoders.wireshark import Dissector, protocol_column
+from tunnelscope.decoders.wireshark import DissectError, Dissector, protocol_column
 from tunnelscope.formats.capture import read_capture
 from tunnelscope.formats.packet import CaptureFormatError
 
@@ -77,6 +77,8 @@ def sample_protocols(
                     wireshark.submit(packet.data)
                 if tally.frames >= frames:
                     break
+    except DissectError as exc:  # tshark could not start
+        tally.error = str(exc)
     except (CaptureFormatError, OSError) as exc:
         if tally.frames == 0 and not timer.finished.is_set():
             tally.error = str(exc)
