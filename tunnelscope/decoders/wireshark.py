@@ -14,14 +14,14 @@ Two ways in, one tshark each, started once and kept for the life of the caller:
 - `Dissector`: frames in memory, of one link type, written to tshark as a pcap stream through
   a bounded queue; a full queue drops the frame and counts it instead of blocking a link.
 
-Why tshark's `-T ek -P -V` output is parsed here rather than pyshark's packet objects,
-measured on 10,000 frames on this machine (see benchmarks/decode.py, docs/decoders.md):
-pyshark's JSON mode took 4.8x and its EK mode 3x the time of `tshark -T json` on the same
-file, its only_summaries mode 35x while returning 1 packet for 10,000, and none of them gives
-the Info column together with the fields. `-T ek -P -V` gives both in one JSON line per frame
-and costs tshark no more than `-T json`. pyshark supplies what it is good at: finding tshark
-(`get_process_path`), its version, the display-filter option for that version, and its
-per-version cache folder, where the field-name table below is kept.
+Why tshark's `-T ek -P -V` output is parsed here rather than pyshark's packet objects
+(measured by benchmarks/decode.py, figures in docs/decoders.md): pyshark's JSON and EK modes
+alone take 1.4-2.3x the time of `tshark -T json` on the same file and carry no Info column,
+which a second tshark pass over every frame would have to add (its only_summaries mode took
+35x and returned 1 packet for 10,000). `-T ek -P -V` gives fields and Info in one JSON line
+per frame and costs tshark no more than `-T json`. pyshark supplies what it is good at:
+finding tshark (`get_process_path`), its version, the display-filter option for that
+version, and its per-version cache folder, where the field-name table below is kept.
 
 EK names a field `<protocol it is shown in>_<abbrev>` with dots turned into underscores
 (`ip_ip_flags_df`, `ipv6_ip_version`); `tshark -G fields` lists every abbrev and its type, so
@@ -48,9 +48,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from operator import itemgetter
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from packaging.version import Version
 from pyshark.cache import get_cache_dir
 from pyshark.tshark.tshark import (
     TSharkNotFoundException,
@@ -61,6 +60,9 @@ from pyshark.tshark.tshark import (
 
 from tunnelscope.decoders.base import Decoded
 from tunnelscope.formats.pcap import global_header, record
+
+if TYPE_CHECKING:
+    from packaging.version import Version  # what pyshark's get_tshark_version returns
 
 DISSECTORS = ("auto", "wireshark", "builtin")
 QUEUE_FRAMES = 4096  # frames waiting for tshark before `Dissector.submit` drops
