@@ -27,8 +27,9 @@ ENV = {**os.environ, "TZ": "UTC"}
 
 
 def run(*args: str, stdin: bytes | None = None) -> Result:
-    """Run `tunnelscope decode ARGS` in process; any escaping exception fails the test."""
-    result = CliRunner().invoke(cli, ["decode", *args], input=stdin)
+    """Run `tunnelscope decode --dissect builtin ARGS` in process (this module is about the
+    built-in decoders; tests/test_wireshark.py has Wireshark's); an exception fails the test."""
+    result = CliRunner().invoke(cli, ["decode", "--dissect", "builtin", *args], input=stdin)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert "Traceback" not in result.stderr
@@ -134,7 +135,7 @@ def test_json_objects() -> None:
 def test_lines_from_a_pipe() -> None:
     with subprocess.Popen(["cat", str(CAPTURES / "mixed.pcapng")], stdout=subprocess.PIPE) as cat:
         done = subprocess.run(
-            [*TUNNELSCOPE, "decode", "-"],
+            [*TUNNELSCOPE, "decode", "--dissect", "builtin", "-"],
             stdin=cat.stdout,
             capture_output=True,
             text=True,
@@ -162,7 +163,7 @@ def test_standard_input_and_count() -> None:
 @pytest.mark.timeout(30)
 def test_a_live_pipe_prints_each_frame_at_once() -> None:
     proc = subprocess.Popen(
-        [*TUNNELSCOPE, "decode", "-"],
+        [*TUNNELSCOPE, "decode", "--dissect", "builtin", "-"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -180,7 +181,9 @@ def test_a_live_pipe_prints_each_frame_at_once() -> None:
 def test_a_reader_that_goes_away_ends_quietly(tmp_path: Path) -> None:
     path = write_pcap(tmp_path / "big.pcap", 104, reference_frames("chdlc.pcap") * 3000)
     proc = subprocess.Popen(
-        [*TUNNELSCOPE, "decode", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*TUNNELSCOPE, "decode", "--dissect", "builtin", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout.readline()
     proc.stdout.close()
@@ -296,7 +299,9 @@ def test_missing_files_and_directories(tmp_path: Path) -> None:
 def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
     (tmp_path / "bad").write_bytes(b"\x0a\x0d\x0d\x0a" + bytes(30))  # pcapng, then zeros
     done = subprocess.run(
-        [*TUNNELSCOPE, "decode", str(tmp_path / "bad")], capture_output=True, text=True
+        [*TUNNELSCOPE, "decode", "--dissect", "builtin", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2
     assert done.stderr == "tunnelscope: error: " + str(tmp_path / "bad") + (
@@ -307,7 +312,7 @@ def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
 def test_an_output_that_fails_is_one_error_line() -> None:
     with open("/dev/full", "w") as full:
         done = subprocess.run(
-            [*TUNNELSCOPE, "decode", str(CAPTURES / "chdlc.pcap")],
+            [*TUNNELSCOPE, "decode", "--dissect", "builtin", str(CAPTURES / "chdlc.pcap")],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,13 @@ def test_two_vpcs_lab_driven_by_the_verbs_and_the_console(tmp_path: Path, kind: 
             console.expect("packet capture stopped.*=> ")
             console.send("filter PC1 e0 none\n")
             console.expect("filters removed.*=> ")
+            console.send("stats protocols 6\n")  # a live sample, tallied per protocol
+            pinger = threading.Thread(target=pc1.ping, args=("10.0.0.2",), kwargs={"count": 5})
+            pinger.start()
+            console.expect(r"sampling 1 links for 6 s.*PC1 e0 -- PC2 e0 +\d+ +.*ICMP \d+.*=> ")
+            pinger.join(30)
+            console.send("stats protocols forever\n")
+            console.expect("error: SECONDS must be above 0.*=> ")
             console.send("exit\n")
         finally:
             assert console.close() == 0

@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import signal
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import tshark
 from click.testing import CliRunner
 from command import TUNNELSCOPE
 
@@ -256,6 +259,13 @@ def test_probe_command_through_a_bridge_process(tmp_path) -> None:
     low, high = report["loss_ci_percent"]
     assert low < 10 < high
     assert report["causes"]["by_cause"] == {"packet_loss": report["lost"]}
+    if shutil.which("tshark"):  # auto: Wireshark's count of what the bridge marked dropped
+        rows = tshark.fields(str(capture), ["_ws.col.Protocol"], 'frame.comment contains "dropped"')
+        theirs = Counter(row["_ws.col.Protocol"][0] for row in rows)
+        assert report["causes"]["dropped_by_protocol"] == dict(theirs) == {"UDP": report["lost"]}
+        named = report["causes"]["frames"]
+        assert len(named) == min(report["lost"], 100)
+        assert all(summary.startswith("UDP ") for summary in named.values())
 
 
 def test_probe_with_an_unreadable_bridge_capture_is_a_one_line_error(tmp_path) -> None:

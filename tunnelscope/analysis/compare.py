@@ -42,7 +42,9 @@ from itertools import chain
 from typing import BinaryIO
 
 from tunnelscope.decoders import decode
+from tunnelscope.decoders.base import Decoded
 from tunnelscope.decoders.frelay import CONTROL_UI, NLPID_IPV4, NLPID_IPV6, NLPID_SNAP
+from tunnelscope.decoders.wireshark import Dissectors, headline, protocol_column
 from tunnelscope.formats.capture import Reader, read_capture
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.formats.packet import CaptureFormatError, Direction
@@ -423,6 +425,7 @@ class StreamReport:
     reordered: Listing = field(init=False)
     causes: Counter[str | None] = field(default_factory=Counter)
     groups: Counter[tuple[str, str]] = field(default_factory=Counter)
+    lost: Counter[str] = field(default_factory=Counter)  # missing frames per protocol
     bursts: Counter[int] = field(default_factory=Counter)
     longest_burst_at: int | None = None  # A's frame number where the longest burst starts
     delays: Delays = field(default_factory=Delays)
@@ -457,6 +460,7 @@ class StreamReport:
             "missing": {
                 **self.missing.as_dict(),
                 "by_cause": {cause or "unknown": n for cause, n in self.causes.most_common()},
+                "by_protocol": dict(self.lost.most_common()),
                 "groups": [
                     {"protocol": protocol, "flow": flow, "count": count}
                     for (protocol, flow), count in self.groups.most_common()
@@ -755,10 +759,13 @@ class _Stream:
     """
 
     __slots__ = ("report", "side_a", "side_b", "table", "pending_a", "table_b", "pending_b")
-    __slots__ += ("highest", "run", "run_start")
+    __slots__ += ("highest", "run", "run_start", "wireshark")
 
-    def __init__(self, report: StreamReport, side_a: _Side, side_b: _Side) -> None:
+    def __init__(
+        self, report: StreamReport, side_a: _Side, side_b: _Side, wireshark: _Wireshark | None
+    ) -> None:
         self.report = report
+        self.wireshark = wireshark
         self.side_a = side_a
         self.side_b = side_b
         self.table: dict[int, list] = {}
@@ -841,6 +848,8 @@ class _Stream:
         frame = describe(side.linktype, number, ts, data)
         frame.original = original
         listing.frames.append(frame)
+        if self.wireshark is not None:
+            self.wireshark.submit(side.linktype, data, None, frame)
         return frame
 
     def expire(self, cutoff: int, b_stopped: int | None) -> int:
@@ -880,9 +889,16 @@ class _Stream:
         frame = describe(self.side_a.linktype, number, ts, entry[DATA])
         report.groups[frame.protocol, frame.flow] += 1
         report.missing.count += 1
-        if not report.missing.full:
+        listed = not report.missing.full
+        if listed:
             frame.cause, frame.comment = cause, comment
             report.missing.frames.append(frame)
+        if self.wireshark is not None:  # its protocol is counted when tshark answers
+            self.wireshark.submit(
+                self.side_a.linktype, entry[DATA], report, frame if listed else None
+            )
+        else:
+            report.lost[frame.protocol.upper()] += 1  # as protocol_column names it
         if not self.run:
             self.run_start = number
         self.run += 1
@@ -895,6 +911,37 @@ class _Stream:
                 self.report.longest_burst_at = self.run_start
             bursts[run] += 1
             self.run = 0
+
+
+class _Wireshark:
+    """Wireshark's dissection of the frames a report names.
+
+    Every missing frame is dissected (for the per-protocol count); listed frames get
+    Wireshark's summary ("OSPF Hello Packet") and fields.
+    """
+
+    def __init__(self) -> None:
+        self.dissectors = Dissectors(_dissected)
+
+    def submit(
+        self, linktype: int, data: bytes, report: StreamReport | None, frame: Frame | None
+    ) -> None:
+        self.dissectors.submit(linktype, data, (report, frame))
+
+    def close(self) -> None:
+        """Wait for every answer; CompareError when tshark stopped early."""
+        failure = self.dissectors.close()
+        if failure:
+            raise CompareError(failure)
+
+
+def _dissected(tag: object, decoded: Decoded) -> None:
+    report, frame = tag  # type: ignore[misc]
+    if report is not None:
+        report.lost[protocol_column(decoded)] += 1
+    if frame is not None:
+        frame.summary = headline(decoded.fields, decoded.summary)
+        frame.fields = decoded.fields
 
 
 def _pop_front(table: dict[int, list], key: int, bucket: list, head: int) -> None:
@@ -958,10 +1005,14 @@ def compare(
     ignore: frozenset[str] = frozenset(),
     limit: int = DEFAULT_LIMIT,
     progress: Callable[[int, int | None], None] | None = None,
+    dissector: str = "builtin",
 ) -> Report:
     """Compare A with B (None: A's pre and post interfaces); `progress(bytes read, total)`.
 
     `limit` caps each list of frames per direction (0: no cap); counts are always complete.
+    `dissector` "wireshark" describes the listed frames and counts the missing ones per
+    protocol with Wireshark's dissectors (`tunnelscope.decoders.wireshark`), "builtin" with
+    tunnelscope's own.
     Raises CompareError when the captures cannot be compared as asked; a damaged record is
     not an error: the report says how far the comparison went.
     """
@@ -983,7 +1034,12 @@ def compare(
                 f"{_linktype_name(side_b.linktype)}: their frames cannot match byte for byte; "
                 "--ignore l2 compares them from the L3 header"
             )
-        streams = _run(side_a, side_b, round(window * 1e9), ignore, limit, progress)
+        wireshark = _Wireshark() if dissector == "wireshark" else None
+        try:
+            streams = _run(side_a, side_b, round(window * 1e9), ignore, limit, progress, wireshark)
+        finally:
+            if wireshark is not None:
+                wireshark.close()
     return _finish(side_a, side_b, round(window * 1e9), ignore, streams)
 
 
@@ -994,6 +1050,7 @@ def _run(
     ignore: frozenset[str],
     limit: int,
     progress: Callable[[int, int | None], None] | None,
+    wireshark: _Wireshark | None,
 ) -> dict[int, _Stream]:
     """Match frame by frame, in the order the frames happened (the hot loop)."""
     split = side_a.flagged and side_b.flagged  # compare each direction on its own
@@ -1024,7 +1081,7 @@ def _run(
         stream = streams.get(direction if split else 0)
         if stream is None:
             report = StreamReport(Direction(direction) if split else None, limit)
-            stream = streams[direction if split else 0] = _Stream(report, side_a, side_b)
+            stream = streams[direction if split else 0] = _Stream(report, side_a, side_b, wireshark)
         if side is side_a:
             stream.add_a(ts, number, hash(norm_a(data) if norm_a else data), data, comment)
         else:

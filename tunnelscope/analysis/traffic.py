@@ -52,6 +52,9 @@ from enum import IntEnum
 from statistics import NormalDist
 from typing import Any
 
+from tunnelscope.decoders import decode
+from tunnelscope.decoders.base import Decoded
+from tunnelscope.decoders.wireshark import DissectError, Dissectors, headline, protocol_column
 from tunnelscope.formats.capture import open_capture
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.nio import KIND_DGRAM, Endpoint
@@ -788,34 +791,68 @@ BEFORE_TUNNELSCOPE = "never reached tunnelscope"
 AFTER_TUNNELSCOPE = "lost after tunnelscope"
 
 
-def attribute_losses(run: ProbeRun, capture: str, limit: int = 100) -> dict[str, Any]:
+def attribute_losses(
+    run: ProbeRun, capture: str, limit: int = 100, dissector: str = "builtin"
+) -> dict[str, Any]:
     """Which impairment dropped each lost probe, from the bridge's pcapng of the same run.
 
     The bridge must capture at its *pre* point (`--capture-at pre|both`, pcapng), where every
     frame an impairment dropped carries `dropped by <name>`. A lost probe found there with
     such a comment died in that impairment; found without one, it passed tunnelscope and was
     lost beyond it (peer, kernel buffer, emulator); not found, it never reached tunnelscope.
-    Raises CaptureFormatError or OSError for an unreadable capture.
+    Every frame marked dropped (probes, and whatever else the link carried: OSPF, BGP) is
+    counted per protocol, and the first `limit` lost probes found are named, with
+    Wireshark's dissectors (`dissector` "wireshark") or the built-in decoders.
+    Raises CaptureFormatError or OSError for an unreadable capture, DissectError when
+    tshark stops early.
     """
     received = set(run.seqs)
     lost = {seq for seq in range(run.sent) if seq not in received}
     causes: dict[int, str] = {}
+    by_protocol: Counter[str] = Counter()
+    frames: dict[int, str] = {}
+
+    def dissected(tag: object, decoded: Decoded) -> None:
+        counted, seq = tag  # type: ignore[misc]
+        if counted:
+            by_protocol[protocol_column(decoded)] += 1
+        if seq is not None:
+            frames[seq] = headline(decoded.fields, decoded.summary)
+
+    wireshark = Dissectors(dissected) if dissector == "wireshark" else None
     decoder = FrameDecoder(run.factory.framing.offset, run.factory.stream)
-    with open_capture(capture) as reader:
-        for packet in reader:
-            name = reader.interfaces[packet.interface].name
-            if len(reader.interfaces) > 1 and not name.endswith(" pre"):
-                continue
-            for seq, _ in decoder.decode([packet.data]):
-                if seq in lost and seq not in causes:
-                    comment = packet.comment or ""
-                    dropped = comment.startswith("dropped by ")
-                    causes[seq] = comment[len("dropped by ") :] if dropped else AFTER_TUNNELSCOPE
+    try:
+        with open_capture(capture) as reader:
+            for packet in reader:
+                name = reader.interfaces[packet.interface].name
+                if len(reader.interfaces) > 1 and not name.endswith(" pre"):
+                    continue
+                comment = packet.comment or ""
+                dropped = comment.startswith("dropped by ")
+                named = None
+                for seq, _ in decoder.decode([packet.data]):
+                    if seq in lost and seq not in causes:
+                        causes[seq] = (
+                            comment[len("dropped by ") :] if dropped else AFTER_TUNNELSCOPE
+                        )
+                        named = seq if len(causes) <= limit else None
+                if not dropped and named is None:
+                    continue
+                if wireshark is not None:
+                    wireshark.submit(packet.linktype, packet.data, (dropped, named))
+                else:
+                    dissected((dropped, named), decode(packet.linktype, packet.data))
+    finally:
+        failure = wireshark.close() if wireshark is not None else None
+    if failure:
+        raise DissectError(failure)
     per_probe = {seq: causes.get(seq, BEFORE_TUNNELSCOPE) for seq in sorted(lost)}
     return {
         "capture": capture,
         "by_cause": dict(Counter(per_probe.values()).most_common()),
+        "dropped_by_protocol": dict(by_protocol.most_common()),
         "probes": {str(seq): cause for seq, cause in list(per_probe.items())[:limit]},
+        "frames": {str(seq): frames[seq] for seq in sorted(frames)},
     }
 
 

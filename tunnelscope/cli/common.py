@@ -31,6 +31,30 @@ def capture_at_option(name: str) -> Callable[[F], F]:
     )
 
 
+def dissect_option(what: str) -> Callable[[F], F]:
+    """`--dissect auto|wireshark|builtin`, the same on every command that shows frames."""
+    from tunnelscope.decoders.wireshark import DISSECTORS
+
+    return click.option(
+        "--dissect",
+        type=click.Choice(DISSECTORS),
+        default="auto",
+        show_default=True,
+        help=f"Whose dissectors {what}: Wireshark's (tshark), the built-in decoders, or "
+        "auto: Wireshark's when tshark is installed.",
+    )
+
+
+def dissector_for(choice: str) -> str:
+    """ "wireshark" or "builtin" for a --dissect choice; Failure when tshark is missing."""
+    from tunnelscope.decoders.wireshark import DissectError, choose
+
+    try:
+        return choose(choice)
+    except DissectError as exc:
+        raise Failure(str(exc)) from None
+
+
 def error_line(message: str) -> str:
     """`tunnelscope: error: MESSAGE`, on one line whatever MESSAGE holds."""
     return "tunnelscope: error: " + " ".join(message.splitlines())

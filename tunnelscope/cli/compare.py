@@ -25,7 +25,8 @@ from tunnelscope.analysis.compare import (
     compare,
     parse_ignore,
 )
-from tunnelscope.cli.common import POSITIVE, Failure, echo_json
+from tunnelscope.cli.common import POSITIVE, Failure, dissect_option, dissector_for, echo_json
+from tunnelscope.decoders.wireshark import DissectError
 
 
 @click.command(name="compare")
@@ -54,8 +55,15 @@ from tunnelscope.cli.common import POSITIVE, Failure, echo_json
     help="List at most N frames per kind and direction (0: all); counts are always complete.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@dissect_option("describe the listed frames and count losses per protocol")
 def compare_command(
-    a: str, b: str | None, window: float, ignore: tuple[str, ...], limit: int, as_json: bool
+    a: str,
+    b: str | None,
+    window: float,
+    ignore: tuple[str, ...],
+    limit: int,
+    as_json: bool,
+    dissect: str,
 ) -> None:
     """Match the frames of two captures of the same traffic taken at two points of a path.
 
@@ -72,7 +80,10 @@ def compare_command(
     with the cause: the impairment named in tunnelscope's `dropped by` comments, `outside
     tunnelscope` for a tunnelscope pre capture compared with another point, `before B
     started`/`after B stopped` at the edges of B's capture), loss bursts, frames only at B,
-    duplicates, reordering and the delay distribution from A to B.
+    duplicates, reordering and the delay distribution from A to B. With Wireshark's
+    dissectors (--dissect, the default when tshark is installed) each listed frame shows
+    Wireshark's summary ("OSPF Hello Packet", "BGP KEEPALIVE Message") and the missing
+    frames are counted per protocol (`lost: OSPF 12, ICMP 3`).
 
     --ignore rewrites both sides before matching: l2 compares from the L3 header (also
     across link types; Ethernet padding is cut), vlan strips 802.1Q/QinQ tags, fr-address
@@ -92,6 +103,7 @@ def compare_command(
       tunnelscope compare access.pcap trunk.pcap --ignore vlan
       tunnelscope compare r1-eth.pcap r1-serial.pcap --ignore l2,ttl
     """
+    dissector = dissector_for(dissect)
     try:
         selections = [Selection.parse(text) for text in (a, b) if text is not None]
         with _progress() as progress:
@@ -102,8 +114,9 @@ def compare_command(
                 parse_ignore(list(ignore)),
                 limit,
                 progress,
+                dissector,
             )
-    except CompareError as exc:
+    except (CompareError, DissectError) as exc:
         raise Failure(str(exc)) from None
     if as_json:
         echo_json(report.as_dict())
@@ -170,6 +183,9 @@ def _stream(stream: StreamReport, tunnelscope: bool) -> list[str]:
     if any(stream.causes):
         causes = ", ".join(f"{cause or 'unknown'} {n}" for cause, n in stream.causes.most_common())
         lines.append(f"  missing at B by cause: {causes}")
+    if stream.lost:
+        lost = ", ".join(f"{protocol} {n}" for protocol, n in stream.lost.most_common())
+        lines.append(f"  lost: {lost}")
     if stream.commented or (tunnelscope and stream.missing.count):
         lines.append(
             f"  drop comments: {stream.commented} frames of A marked dropped, "

@@ -14,22 +14,27 @@ from typing import Any
 import click
 from rich.console import Console
 
+from tunnelscope.analysis.protocols import SAMPLE_FRAMES, SAMPLE_SECONDS, sample_links
 from tunnelscope.cli.common import Failure
 from tunnelscope.cli.labverbs import (
     connect,
+    connect_stream,
     control_option,
     link_title,
     links_table,
+    protocols_table,
     stats_table,
     stream_capture,
     stream_request,
 )
 from tunnelscope.datapath.impairments import NAMES
+from tunnelscope.decoders.wireshark import choose
 from tunnelscope.lab.control import Code, ControlError, ControlUnavailable, tokenize
 from tunnelscope.lab.hosts import LabHosts
 from tunnelscope.lab.stream import StreamedCapture
 
 PROMPT = "=> "  # Dynagen's
+MAX_SAMPLE_SECONDS = 30
 LINKTYPES = ("ETH", "HDLC", "PPP", "FR")
 DIRECTIONS = ("in", "out", "both")
 HELP = {
@@ -44,7 +49,12 @@ HELP = {
         "filter DEVICE INTERFACE TYPE in|out|both [ARGS]...  |  filter DEVICE INTERFACE none",
         f"impair what DEVICE receives (in), sends (out) or both; TYPE: {', '.join(NAMES)}",
     ),
-    "stats": ("stats", "counters, rates, drops and captures of every link"),
+    "stats": (
+        "stats  |  stats protocols [SECONDS]",
+        "counters, rates, drops and captures of every link; or the protocols each link"
+        f" carries, from a live sample (SECONDS, default {SAMPLE_SECONDS:g}, at most"
+        f" {SAMPLE_FRAMES} frames a link)",
+    ),
     "help": ("help [COMMAND]", "this text"),
     "exit": ("exit | quit | Ctrl-D", "leave the console; the lab keeps running"),
 }
@@ -158,8 +168,39 @@ class ConsoleSession:
         self.out.print(self._ask("lab", "filter", *args)[-1])
 
     def _stats(self, args: list[str]) -> None:
-        self._usage(args, 0, 0, "stats")
-        self.out.print(stats_table(self.client.links()))
+        self._usage(args, 0, 2, "stats")
+        if not args:
+            self.out.print(stats_table(self.client.links()))
+            return
+        if args[0] != "protocols":
+            raise ControlError(Code.UNK_CMD, "usage: stats  |  stats protocols [SECONDS]")
+        try:
+            seconds = float(args[1]) if len(args) == 2 else SAMPLE_SECONDS
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= MAX_SAMPLE_SECONDS:
+            raise ControlError(
+                Code.INV_PARAM, f"SECONDS must be above 0 and at most {MAX_SAMPLE_SECONDS}"
+            )
+        dissector = choose("auto")
+        sources: dict[str, Any] = {}
+        try:
+            for link in self.client.links():
+                ends = link.get("ends") or []
+                if not ends or not link.get("stats"):
+                    continue
+                device, interface = ends[0].split(" ", 1)
+                _, address, name, token = self.client.stream_source(device, interface)
+                request = stream_request(name, token, None, "pre", False)
+                sources[link_title(link)] = connect_stream(address, request)
+        except (Failure, ControlError) as exc:
+            for sock in sources.values():
+                sock.close()
+            text = exc.format_message() if isinstance(exc, Failure) else exc.text
+            raise ControlError(Code.FILE, text) from None
+        self.out.print(f"sampling {len(sources)} links for {seconds:g} s ({dissector})")
+        tallies = sample_links(sources, dissector, seconds, SAMPLE_FRAMES)
+        self.out.print(protocols_table(tallies))
 
     def _help(self, args: list[str]) -> None:
         topics = [a for a in args if a in HELP] or list(HELP)

@@ -1,24 +1,36 @@
 """`tunnelscope decode FILE|-`: print a capture's frames, one line (or JSON object) each.
 
 Reads what tunnelscope and Wireshark write, files and pipes alike, and decodes the link
-layers of lab tunnels that tcpdump and scapy cannot (Cisco HDLC, PPP, Frame Relay).
+layers of lab tunnels that tcpdump and scapy cannot (Cisco HDLC, PPP, Frame Relay) with the
+built-in decoders, or everything above them with Wireshark's dissectors when tshark is
+installed (`tunnelscope.decoders.wireshark`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import queue
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from tunnelscope.cli.common import Failure
+from tunnelscope.cli.common import Failure, dissect_option, dissector_for
 from tunnelscope.decoders import decode as decode_frame
-from tunnelscope.decoders.base import printable
-from tunnelscope.formats.capture import Reader, open_capture
+from tunnelscope.decoders.base import Decoded, printable
+from tunnelscope.decoders.wireshark import (
+    DissectError,
+    Dissector,
+    FileDissection,
+    headline,
+)
+from tunnelscope.formats.capture import Reader, open_capture, read_capture
 from tunnelscope.formats.linktype import LinkType
 from tunnelscope.formats.packet import CaptureFormatError, Direction, Packet
 
@@ -37,7 +49,21 @@ _P2P_DIR = {0: Direction.OUTBOUND, 1: Direction.INBOUND}  # tshark's frame.p2p_d
     help="Decode every frame as TYPE (ethernet, hdlc, ppp, fr or a LINKTYPE number), "
     "whatever link type the file declares.",
 )
-def decode(path: str, count: int | None, as_json: bool, linktype: str | None) -> None:
+@dissect_option("decode the frames")
+@click.option(
+    "-Y",
+    "--display-filter",
+    metavar="FILTER",
+    help="Print only the frames matching a Wireshark display filter (needs tshark).",
+)
+def decode(
+    path: str,
+    count: int | None,
+    as_json: bool,
+    linktype: str | None,
+    dissect: str,
+    display_filter: str | None,
+) -> None:
     """Print the frames of a pcap or pcapng capture (FILE, or - for standard input).
 
     One line per frame, as tcpdump prints them: local time, link (the interface name, or the link
@@ -47,6 +73,13 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
     --json prints one object per line instead: number, time (seconds since the epoch),
     interface, linktype, direction ("out", "in" or null), summary, fields (keyed by Wireshark
     display-filter names, e.g. fr.dlci, slarp.mysequence), protocols, malformed, comment.
+
+    --dissect wireshark (the default when tshark is installed) hands the capture to
+    Wireshark's dissectors: the summary is Wireshark's Info column ("Hello Packet",
+    "KEEPALIVE Message"), fields hold every field Wireshark shows plus _ws.col.Info and
+    _ws.col.Protocol, protocols is tshark's frame.protocols, and -Y keeps only the frames a
+    display filter matches. --dissect builtin uses tunnelscope's own decoders (link layers,
+    IP, ICMP, UDP, TCP), which need no tshark and are several times faster.
 
     Exit status: 0 when the whole capture was read; 1 when it ends in a damaged record (the
     frames before it are printed, a warning goes to stderr); 2 when it cannot be read at
@@ -61,7 +94,14 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
           | tunnelscope decode -
       # a Cisco HDLC capture that another tool labelled Ethernet (no editcap -T needed)
       tunnelscope decode --linktype hdlc serial.pcap
+      tunnelscope decode -Y 'ospf || bgp' r1-r2.pcap
+      tunnelscope decode --dissect builtin -c 100 big.pcap
     """
+    dissector = dissector_for(dissect)
+    if display_filter and dissector != "wireshark":
+        raise Failure("-Y needs Wireshark's dissectors: install tshark, or drop --dissect builtin")
+    if display_filter and linktype is not None:
+        raise Failure("-Y and --linktype do not go together (tshark filters the file as it is)")
     forced = None
     if linktype is not None:
         try:
@@ -70,8 +110,14 @@ def decode(path: str, count: int | None, as_json: bool, linktype: str | None) ->
             raise Failure(f"--linktype: {exc}") from None
     name = "standard input" if path == "-" else path
     try:
-        with open_capture(path) as reader:
-            problem = _print_frames(reader, count, as_json, forced, _is_live(path))
+        if dissector == "wireshark" and forced is None:
+            problem = _print_dissected(path, count, as_json, display_filter)
+        else:
+            with open_capture(path) as reader:
+                printer = _print_fed if dissector == "wireshark" else _print_frames
+                problem = printer(reader, count, as_json, forced, _is_live(path))
+    except DissectError as exc:
+        raise Failure(str(exc)) from None
     except CaptureFormatError as exc:  # the file header: nothing could be read
         raise Failure(f"{name}: {exc}") from None
     except OSError as exc:
@@ -85,22 +131,118 @@ def _print_frames(
     reader: Reader, count: int | None, as_json: bool, forced: LinkType | None, live: bool
 ) -> str | None:
     """Print frames until the end or `count`; return why reading stopped early, if it did."""
-    frames = iter(reader)
-    number = 0
-    while number != count:
-        try:
-            packet = next(frames, None)
-        except CaptureFormatError as exc:
-            return str(exc)
-        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
-            return exc.strerror or str(exc)
-        if packet is None:
-            break
-        number += 1
-        frame = _frame(reader, packet, number, forced)
+    stopped: list[str] = []
+    for number, packet in _numbered(reader, count, stopped):
+        linktype = int(forced or packet.linktype)
+        frame = _frame(reader, packet, number, linktype, decode_frame(linktype, packet.data))
         if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
             return None
     _write("", flush=True)
+    return stopped[0] if stopped else None
+
+
+def _numbered(
+    reader: Reader, count: int | None, stopped: list[str]
+) -> Iterator[tuple[int, Packet]]:
+    """(number, packet) until the end or `count`; why reading stopped early goes to `stopped`."""
+    frames = iter(reader)
+    for number in itertools.count(1):
+        if number - 1 == count:
+            return
+        try:
+            packet = next(frames, None)
+        except CaptureFormatError as exc:
+            stopped.append(str(exc))
+            return
+        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
+            stopped.append(exc.strerror or str(exc))
+            return
+        if packet is None:
+            return
+        yield number, packet
+
+
+def _print_fed(
+    reader: Reader, count: int | None, as_json: bool, forced: LinkType | None, live: bool
+) -> str | None:
+    """--linktype with Wireshark's dissectors: the frames go to tshark in memory, as that
+    link type (a file tshark would read as the type it declares)."""
+    assert forced is not None
+    answers: queue.SimpleQueue[tuple[object, Decoded]] = queue.SimpleQueue()
+    stopped: list[str] = []
+    with Dissector(int(forced), lambda tag, decoded: answers.put((tag, decoded)), live=live) as (
+        dissector
+    ):
+        for number, packet in _numbered(reader, count, stopped):
+            dissector.submit(packet.data, (number, packet), packet.ts_ns, block=True)
+            if not _print_answers(answers, reader, int(forced), as_json, live):
+                return None
+    if not _print_answers(answers, reader, int(forced), as_json, live):  # close() waited
+        return None
+    if dissector.failure:
+        raise DissectError(dissector.failure)
+    _write("", flush=True)
+    return stopped[0] if stopped else None
+
+
+def _print_answers(
+    answers: queue.SimpleQueue[tuple[object, Decoded]],
+    reader: Reader,
+    linktype: int,
+    as_json: bool,
+    live: bool,
+) -> bool:
+    """Print the frames tshark has answered so far; False when the reader went away."""
+    while not answers.empty():
+        (number, packet), decoded = answers.get()  # type: ignore[misc]
+        frame = _frame(reader, packet, number, linktype, decoded)
+        if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+            return False
+    return True
+
+
+def _print_dissected(
+    path: str, count: int | None, as_json: bool, display_filter: str | None
+) -> str | None:
+    """As `_print_frames`, with Wireshark's dissection of each frame the filter keeps.
+
+    tshark reads the same capture (the file, or a copy of standard input); this process
+    reads it too for what the line shows around the dissection (time, interface, direction,
+    comment), stepping to each frame number tshark reports.
+    """
+    live = _is_live(path)
+    printed = 0
+    with contextlib.ExitStack() as stack:
+        dissection = stack.enter_context(FileDissection(path, display_filter))
+        if dissection.input is None:
+            reader = stack.enter_context(open_capture(path))
+        else:
+            reader = read_capture(dissection.input)
+        frames = enumerate(reader, 1)
+        for number, decoded in dissection:
+            if printed == count:
+                return None
+            try:
+                packet = next((p for n, p in frames if n == number), None)
+            except (CaptureFormatError, OSError) as exc:
+                return str(exc) if isinstance(exc, CaptureFormatError) else exc.strerror
+            if packet is None:
+                break
+            printed += 1
+            frame = _frame(reader, packet, number, int(packet.linktype), decoded)
+            if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+                return None
+        _write("", flush=True)
+        try:
+            for _ in frames:  # a damaged record after tshark's last frame: say so, as builtin
+                pass
+        except CaptureFormatError as exc:
+            return str(exc)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        failure = dissection.failure()
+    if failure:
+        raise DissectError(failure)
     return None
 
 
@@ -125,11 +267,9 @@ def _write(line: str, flush: bool) -> bool:
     return True
 
 
-def _frame(reader: Reader, packet: Packet, number: int, forced: LinkType | None) -> dict:
+def _frame(reader: Reader, packet: Packet, number: int, linktype: int, decoded: Decoded) -> dict:
     """The JSON object of one frame; the text line is made from it too."""
-    linktype = int(forced or packet.linktype)
     known = _known(linktype)
-    decoded = decode_frame(linktype, packet.data)
     seconds, fraction = divmod(packet.ts_ns, 1_000_000_000)
     direction = packet.direction  # pcapng flags, else the 204-206 direction byte
     if not direction and "frame.p2p_dir" in decoded.fields:
@@ -159,7 +299,7 @@ def _line(frame: dict[str, Any], packet: Packet, reader: Reader) -> str:
     parts.append(printable(frame["interface"] or frame["linktype"]))  # names from the file
     if frame["direction"]:
         parts.append(_ARROWS[frame["direction"]])
-    parts.append(frame["summary"])
+    parts.append(headline(frame["fields"], frame["summary"]))
     if frame["comment"]:
         parts.append(f"# {printable(frame['comment'])}")
     return " ".join(parts)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tunnelscope.analysis.protocols import Tally
 from tunnelscope.cli.common import COUNT, POSITIVE, Address, Failure, echo_json
 from tunnelscope.cli.stream import to_file, to_wireshark
 from tunnelscope.datapath.engine import CAPTURE_POINTS
@@ -346,6 +347,21 @@ def links_table(data: list[dict[str, Any]]) -> Table:
             " / ".join(drops),
             _capture(link),
         )
+    return table
+
+
+def protocols_table(tallies: list[Tally]) -> Table:
+    """The console's `stats protocols`: per link, its sampled frames per protocol."""
+    table = Table(box=None, pad_edge=False, title=time.strftime("%H:%M:%S"), title_justify="left")
+    for column in ("LINK", "FRAMES", "PROTOCOLS"):
+        table.add_column(column, justify="right" if column == "FRAMES" else "left")
+    for tally in tallies:
+        words = ", ".join(f"{protocol} {n}" for protocol, n in tally.protocols.most_common())
+        if tally.undissected:
+            words += f" (+{tally.undissected} not dissected: tshark behind)"
+        if tally.error:
+            words = f"error: {tally.error}"
+        table.add_row(tally.link, str(tally.frames), words or "-")
     return table
 
 

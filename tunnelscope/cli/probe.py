@@ -10,7 +10,17 @@ import click
 
 from tunnelscope.analysis.traffic import attribute_losses, plot_report, probe_report, run_probe
 from tunnelscope.cli.blast import framing_options, open_factory, open_nio, stop_on_signals
-from tunnelscope.cli.common import COUNT, NON_NEGATIVE, POSITIVE, Failure, FiniteFloat, echo_json
+from tunnelscope.cli.common import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    Failure,
+    FiniteFloat,
+    dissect_option,
+    dissector_for,
+    echo_json,
+)
+from tunnelscope.decoders.wireshark import DissectError
 from tunnelscope.formats.packet import CaptureFormatError
 
 
@@ -40,6 +50,7 @@ from tunnelscope.formats.packet import CaptureFormatError
     help="The pre-point pcapng of the tunnelscope bridge on the path: name the impairment"
     " that dropped each lost probe, or say it was lost outside tunnelscope.",
 )
+@dissect_option("name the frames --bridge-capture shows dropped and count them per protocol")
 def probe(
     source: str,
     target: str,
@@ -52,6 +63,7 @@ def probe(
     as_json: bool,
     plot: str | None,
     bridge_capture: str | None,
+    dissect: str,
     **framing: Any,
 ) -> None:
     """Send probes into one tunnel endpoint and receive them at another, through whatever lab
@@ -61,6 +73,9 @@ def probe(
     a higher-numbered one), duplicates, corruption (CRC), one-way delay percentiles and jitter
     (mean change of delay between consecutive probes; both ends share this host's clock), and
     a time series. The two NIOs are the path's two far ends, as the lab's nodes would use them.
+    With --bridge-capture, every frame the bridge dropped (probes and the lab's own traffic)
+    is counted per protocol and the first lost probes are named, by Wireshark's dissectors
+    when tshark is installed.
 
     \b
     Examples:
@@ -76,6 +91,7 @@ def probe(
       tunnelscope probe --from udp:20000:127.0.0.1:10001 --to udp:20001:127.0.0.1:10002 \\
           --bridge-capture path.pcapng
     """
+    dissector = dissector_for(dissect) if bridge_capture else "builtin"
     factory = open_factory(framing)
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise Failure("--plot needs matplotlib: pip install 'tunnelscope[plot]'")
@@ -94,7 +110,9 @@ def probe(
     report = {"from": source, "to": target, **probe_report(run, confidence, interval)}
     if bridge_capture:
         try:
-            report["causes"] = attribute_losses(run, bridge_capture)
+            report["causes"] = attribute_losses(run, bridge_capture, dissector=dissector)
+        except DissectError as exc:
+            raise Failure(str(exc)) from None
         except (OSError, CaptureFormatError) as exc:
             raise Failure(f"{bridge_capture}: {getattr(exc, 'strerror', None) or exc}") from None
     if plot:
@@ -129,4 +147,10 @@ def _text(r: dict[str, Any]) -> str:
     if "causes" in r:
         causes = ", ".join(f"{cause} {n}" for cause, n in r["causes"]["by_cause"].items())
         lines.append(f"lost by cause: {causes or 'nothing lost'}")
+        dropped = r["causes"]["dropped_by_protocol"]
+        if dropped:
+            table = ", ".join(f"{protocol} {n}" for protocol, n in dropped.items())
+            lines.append(f"dropped at the bridge by protocol: {table}")
+        for seq, summary in list(r["causes"]["frames"].items())[:5]:
+            lines.append(f"  probe {seq}: {summary}")
     return "\n".join(lines)

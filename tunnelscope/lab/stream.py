@@ -492,6 +492,14 @@ class _Prefixed(socket.socket):
             return head
         return super().recv(size, flags)
 
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As `recv`, for `makefile()` readers (a capture Reader over the stream)."""
+        if self._head:
+            head, self._head = self._head, b""
+            buffer[: len(head)] = head
+            return len(head)
+        return super().recv_into(buffer, nbytes, flags)
+
 
 def copy_stream(sock: socket.socket, fd: int) -> int:
     """Copy the capture to `fd` until the stream ends; bytes copied (BrokenPipe: reader left).
