@@ -211,10 +211,10 @@ def test_summaries_name_the_message_tshark_names(case: Case) -> None:
 
 
 @tshark.required
-def test_tunnelscope_decode_names_every_frame(case: Case, builtin: list[str]) -> None:
+def test_tunnelscope_decode_names_every_frame(case: Case) -> None:
     """The command a user runs: one line per frame, each naming what tshark names."""
     shown = subprocess.run(
-        [*TUNNELSCOPE, "decode", *builtin, str(case.path)],
+        [*TUNNELSCOPE, "decode", "--dissect", "builtin", str(case.path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -224,15 +224,6 @@ def test_tunnelscope_decode_names_every_frame(case: Case, builtin: list[str]) ->
     assert len(lines) == len(case.frames)
     for number, (line, row) in enumerate(zip(lines, case.rows)):
         assert _names(line, _name_in_summary(case.theirs(number), row)), (number + 1, line)
-
-
-@pytest.fixture(scope="module")
-def builtin() -> list[str]:
-    """`--dissect builtin` once decode has the option (issue 12): these are the built-in's."""
-    usage = subprocess.run(
-        [*TUNNELSCOPE, "decode", "--help"], capture_output=True, text=True, timeout=60
-    )
-    return ["--dissect", "builtin"] if "--dissect" in usage.stdout else []
 
 
 def _bgp_segment(payload: bytes) -> bytes:
