@@ -190,8 +190,8 @@ def test_text_lines_show_wiresharks_protocol_and_info(routing_capture: str) -> N
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [
-        "22:13:20.002000 hdlc BGP KEEPALIVE Message",
-        "22:13:20.003000 hdlc BGP OPEN Message",
+        "22:13:20.002000 hdlc 10.0.0.1 > 10.0.0.2 BGP KEEPALIVE Message",
+        "22:13:20.003000 hdlc 10.0.0.1 > 10.0.0.2 BGP OPEN Message",
     ]
 
 

@@ -65,6 +65,18 @@ def fields(
     return rows
 
 
+COLUMNS = ["_ws.col.Source", "_ws.col.Destination", "_ws.col.Protocol", "_ws.col.Info"]
+
+
+def headline(row: dict[str, list[str]]) -> str:
+    """A `fields(path, COLUMNS)` row the way tunnelscope lists a frame Wireshark dissected:
+    "10.0.0.1 > 224.0.0.5 OSPF Hello Packet", or "Q.933 STATUS" for one without addresses."""
+    source, destination, protocol, info = (row[name][0] if row[name] else "" for name in COLUMNS)
+    if {source, destination} <= {"", "N/A", "DTE", "DCE"}:  # no address: at most a direction
+        return f"{protocol} {info}"  # (tunnelscope hands frames over without theirs)
+    return f"{source or '?'} > {destination or '?'} {protocol} {info}"
+
+
 @functools.cache
 def field_names() -> frozenset[str]:
     """Every display-filter field name this tshark knows (`tshark -G fields`)."""

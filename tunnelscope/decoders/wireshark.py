@@ -3,8 +3,9 @@
 Each frame comes back as a `Decoded`, the shape of the built-in decoders: `summary` is
 Wireshark's Info column, `protocols` is frame.protocols as tshark prints it (with its
 "ethertype" and "data" entries), `fields` holds every field of the dissection under its
-display-filter name plus `_ws.col.Info` and `_ws.col.Protocol`; `malformed` is set when
-Wireshark added its "Malformed Packet" layer. Values follow tshark: integer fields are ints,
+display-filter name plus the `_ws.col.Info`, `_ws.col.Protocol`, `_ws.col.Source` and
+`_ws.col.Destination` columns; `malformed` is set when Wireshark added its "Malformed
+Packet" layer. Values follow tshark: integer fields are ints,
 booleans bools, everything else tshark's text; a field is a list when it occurs several
 times in the frame (as `tshark -T json --no-duplicate-keys` groups it), else one value.
 
@@ -283,6 +284,8 @@ def parse(line: bytes, linktype: int, names: _Names) -> tuple[int, Decoded]:
     _collect(layers.items(), fields, names)
     info, column = packet.get("info", ""), packet.get("protocol", "")
     fields["_ws.col.Info"], fields["_ws.col.Protocol"] = info, column
+    fields["_ws.col.Source"] = packet.get("source", "")
+    fields["_ws.col.Destination"] = packet.get("destination", "")
     protocols = str(fields.get("frame.protocols", "")).split(":")
     number = fields.get("frame.number", 0)
     # Wireshark's exception handler adds the _ws.malformed layer (frame.protocols may not)
@@ -292,11 +295,21 @@ def parse(line: bytes, linktype: int, names: _Names) -> tuple[int, Decoded]:
     )
 
 
+_NO_ADDRESS = (None, "", "N/A")  # Wireshark's Source/Destination when a frame has none
+
+
 def headline(fields: dict[str, object], summary: str) -> str:
-    """A frame in one line as Wireshark lists it, "OSPF Hello Packet" (Protocol and Info
-    columns), for a Wireshark dissection; the built-in summary unchanged otherwise."""
+    """A frame in one line as Wireshark lists it, "10.0.0.1 > 224.0.0.5 OSPF Hello Packet"
+    (Source, Destination, Protocol and Info columns; a frame without addresses, such as LMI,
+    starts at its protocol), for a Wireshark dissection; the built-in summary unchanged
+    otherwise."""
     column = fields.get("_ws.col.Protocol")
-    return f"{column} {summary}" if column else summary
+    if not column:
+        return summary
+    source, destination = fields.get("_ws.col.Source"), fields.get("_ws.col.Destination")
+    if source not in _NO_ADDRESS or destination not in _NO_ADDRESS:
+        return f"{source or '?'} > {destination or '?'} {column} {summary}"
+    return f"{column} {summary}"
 
 
 def protocol_column(decoded: Decoded) -> str:
