@@ -188,6 +188,8 @@ typedef struct {
     uint64_t frames;
     uint8_t *buf;
     size_t len, cap;
+    size_t peak;         /* most bytes one flush wrote since peak_since (cap_trim) */
+    int64_t peak_since;  /* monotonic ns */
     int64_t oldest; /* monotonic ns of the oldest unwritten record, -1: none */
     off_t offset;   /* file offset after the last successful write */
     bool failed;
