@@ -7,6 +7,8 @@ Each relay runs as a subprocess between `tunnelscope blast` and `tunnelscope sin
            physical limit every ratio is taken against); with capture on, the same loop also
            writing every frame to a pcap with one writev per batch (the capture reference)
   c        `tunnelscope bridge --backend c`;  python: `--backend python`
+  base     the C backend of another checkout (--baseline DIR, its extension built in place):
+           before/after figures of a change from one run
   ubridge  GNS3's relay, when its binary is given (--ubridge PATH) or on PATH
 Cases: 64, 512, 1400 and 9000-byte frames (9000: jumbo frames between QEMU VMs), paced and
 flat out (saturated); the C backend with --gso (UDP GSO sends); one direction and both (a
@@ -173,7 +175,8 @@ class Harness:
             ini = f"[bridge0]\nsource_udp = {la}:{HOST}:{pa}\ndestination_udp = {lb}:{HOST}:{pb}\n"
             Path(directory, "ubridge.ini").write_text(ini)
             return [self.args.ubridge], directory
-        command = tunnelscope("bridge", a, b, "--backend", case.relay, "--duration", str(LONG))
+        backend = "c" if case.relay == "base" else case.relay
+        command = tunnelscope("bridge", a, b, "--backend", backend, "--duration", str(LONG))
         command.append("--json")
         for impairment in case.impairments:
             command += ["-I", impairment]
@@ -208,8 +211,14 @@ class Harness:
         try:
             if case.relay != "direct":
                 command, cwd = self.relay_command(case, ports)
+                env = {**os.environ, "PYTHONPATH": self.args.baseline or ""}
                 relay = subprocess.Popen(
-                    command, cwd=cwd, stdout=subprocess.PIPE, text=True, preexec_fn=self._pin(True)
+                    command,
+                    cwd=cwd,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    preexec_fn=self._pin(True),
+                    env=env if case.relay == "base" else None,
                 )
                 processes.append(relay)
             receivers = self._traffic(case, ports, send=False)
@@ -431,8 +440,9 @@ def _more_files(needed: int) -> None:
 # --- the plan and the report -------------------------------------------------------------
 
 
-def plan(quick: bool, ubridge: str | None) -> list[Case]:
-    relays = ["minimal", "c", "python"] + (["ubridge"] if ubridge else [])
+def plan(quick: bool, ubridge: str | None, baseline: bool) -> list[Case]:
+    base = ["base"] if baseline else []
+    relays = ["minimal", "c", *base, "python"] + (["ubridge"] if ubridge else [])
     backends = ["c"] if quick else ["c", "python"]
     sizes = (64, 1400, 9000) if quick else (64, 512, 1400, 9000)
     cases = [Case("size", "direct")]  # what the harness itself loses at the paced load
@@ -440,11 +450,13 @@ def plan(quick: bool, ubridge: str | None) -> list[Case]:
         cases += [Case("size", relay, size) for relay in relays]
     for size in (64, 1400, 9000):
         cases += [Case("size", relay, size, paced=False) for relay in ["direct", *relays]]
-    cases += [Case("C --gso", "c", size, gso=True) for size in (64, 1400, 9000)]
+    cases += [Case("C --gso", r, size, gso=True) for size in (64, 1400, 9000) for r in ["c", *base]]
     cases += [Case("both directions", r, both=True) for r in ["minimal", *backends]]
     for size in (64, 1400, 9000):
         capturing = (
-            ["minimal", "c"] + ([] if quick else ["python"]) + (["ubridge"] if ubridge else [])
+            ["minimal", "c", *base]
+            + ([] if quick else ["python"])
+            + (["ubridge"] if ubridge else [])
         )
         cases += [Case("capture on", r, size, capture=True) for r in capturing]
     cases += [Case("freq_drop 5", r, impairments=("freq_drop 5",)) for r in backends]
@@ -487,6 +499,15 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
             f"{c.group:<22}{c.relay:<9}{c.mode:<7}{c.size:>6}{row.median('fps') or 0:>13,.0f}"
             f"{'' if loss is None else f'{loss:.2f}':>9}{cpu_text:>14}{ratio:>11}"
         )
+    against_base = [(row, find(**{**asdict(row.case), "relay": "base"})) for row in rows]
+    against_base = [(row, base) for row, base in against_base if row.case.relay == "c" and base]
+    if against_base:
+        lines += ["", "c against base (the --baseline checkout), same run: CPU/frame, frames/s"]
+    for row, base in against_base:
+        c = row.case
+        cpu, fps = (_ratio(row, base, key) for key in ("cpu_us", "fps"))
+        figures = f"CPU x {cpu or 0:.3f}  frames/s x {fps or 0:.3f}"
+        lines.append(f"  {c.group:<20}{c.mode:<7}{c.size:>6}  {figures}")
     lines += ["", "targets:"]
     for text, value, limit, higher in targets(rows, find):
         if value is None:
@@ -498,11 +519,12 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, bool]]:
-    def ratio(row: Row | None, base: Row | None, key: str) -> float | None:
-        a, b = (r.median(key) if r else None for r in (row, base))
-        return a / b if a and b else None
+def _ratio(row: Row | None, base: Row | None, key: str) -> float | None:
+    a, b = (r.median(key) if r else None for r in (row, base))
+    return a / b if a and b else None
 
+
+def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, bool]]:
     out = []
     for size in (64, 1400, 9000):
         for paced in (True, False):
@@ -512,7 +534,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
             out.append(
                 (
                     f"C CPU/frame at {size} B {mode} vs minimal",
-                    ratio(c, minimal, "cpu_us"),
+                    _ratio(c, minimal, "cpu_us"),
                     1.0,
                     False,
                 )
@@ -521,7 +543,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
                 out.append(
                     (
                         f"C frames/s at {size} B flat vs minimal",
-                        ratio(c, minimal, "fps"),
+                        _ratio(c, minimal, "fps"),
                         0.95,
                         True,
                     )
@@ -529,7 +551,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
         capture = find(group="capture on", relay="c", size=size)
         minimal = find(group="capture on", relay="minimal", size=size)
         text = f"C capture on CPU/frame at {size} B vs capturing minimal"
-        out.append((text, ratio(capture, minimal, "cpu_us"), 1.1, False))
+        out.append((text, _ratio(capture, minimal, "cpu_us"), 1.1, False))
     for backend in ("c", "python"):
         delayed = find(group="delay 10 ms", relay=backend)
         plain = find(group="size", relay=backend, size=64, paced=False)
@@ -537,7 +559,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
             out.append(
                 (
                     f"{backend} delay 10 ms throughput vs without",
-                    ratio(delayed, plain, "fps"),
+                    _ratio(delayed, plain, "fps"),
                     0.9,
                     True,
                 )
@@ -551,7 +573,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
         one = find(relay=backend, links=1, lab=True, paced=False)
         if many:
             out.append(
-                (f"{backend} 1000 links aggregate vs one link", ratio(many, one, "fps"), 0.8, True)
+                (f"{backend} 1000 links aggregate vs one link", _ratio(many, one, "fps"), 0.8, True)
             )
     return out
 
@@ -572,6 +594,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds of traffic per run")
     parser.add_argument("--load", type=float, default=50_000, help="paced offered frames/s")
     parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the C backend of the tunnelscope checkout in DIR (relay 'base')",
+    )
     parser.add_argument("--ubridge", metavar="PATH", help="ubridge binary (default: on PATH)")
     parser.add_argument(
         "--only",
@@ -591,7 +618,7 @@ def main() -> None:
     args.runs = args.runs or (1 if args.quick else 3)
     args.loadavg = os.getloadavg()[0]
     args.duration = args.duration or (1.5 if args.quick else 2.0)
-    cases = plan(args.quick, args.ubridge)
+    cases = plan(args.quick, args.ubridge, bool(args.baseline))
     if args.only:
         prefixes = tuple(p.strip() for p in args.only.split(","))
         cases = [c for c in cases if c.group.startswith(prefixes)]
