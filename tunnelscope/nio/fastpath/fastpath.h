@@ -292,6 +292,7 @@ typedef struct {
     struct sockaddr_ll rx_names[BATCH]; /* AF_PACKET only: the packet type of each frame */
     bool rx_named;                      /* rx_msgs currently ask for them */
     rxframe_t rx[BATCH];
+    frame_t direct[BATCH]; /* the frames of a batch that skips the chain and the queue */
     txbuf_t tx;
     bool gso; /* send runs of equal-size UDP frames with UDP_SEGMENT */
     struct epoll_event events[MAX_EVENTS];
