@@ -29,7 +29,8 @@
  * Memory. One receive buffer set per loop (BATCH slots of SLOT_SIZE bytes), whatever the
  * number of bridges. A frame's bytes stay in its slot while its batch is processed; only a
  * frame that must wait (delay, rate, reorder, a duplicate) gets a malloc'd copy, freed when
- * sent. Frame descriptors come from a pool trimmed to FREE_FRAMES_KEPT after every pass.
+ * sent. Frame descriptors come from a pool trimmed to FREE_FRAMES_KEPT after every pass; a
+ * batch of a direction with no chain and nothing queued uses the loop's `direct` ones.
  */
 #ifndef TUNNELSCOPE_FASTPATH_H
 #define TUNNELSCOPE_FASTPATH_H
