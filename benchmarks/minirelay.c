@@ -1,17 +1,22 @@
 /* The smallest useful UDP tunnel relay: the physical limit benchmarks/relay.py compares to.
  *
- *   minirelay A_LPORT A_PEER B_LPORT B_PEER SECONDS
+ *   minirelay A_LPORT A_PEER B_LPORT B_PEER SECONDS [PCAP]
  *
  * Two sockets on 127.0.0.1, each bound to its LPORT and connect()ed to its PEER port, like a
  * tunnelscope bridge's endpoints (4 MiB buffers). One epoll loop, level-triggered: a readable
  * socket gives one recvmmsg of up to 64 datagrams, sent on with one sendmmsg to the other side;
  * a full batch is followed by another before epoll is asked again. No impairment, no capture,
- * no copy. Runs SECONDS (or until SIGTERM/SIGINT), then prints "forwarded A2B B2A" and exits.
+ * no copy. With PCAP, every frame received is also written to that pcap file (Ethernet,
+ * microseconds): one writev per batch of (record header, frame) pairs straight from the receive
+ * slots, the least a capturing relay can do. Runs SECONDS (or until SIGTERM/SIGINT), then
+ * prints "forwarded A2B B2A" and exits.
  * Built by benchmarks/relay.py with `gcc -O2`.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -19,6 +24,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -51,6 +57,34 @@ static int open_end(int lport, int peer)
     return fd;
 }
 
+/* The pcap file header: version 2.4, snaplen 262144, Ethernet. */
+static int open_pcap(const char *path)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    uint32_t header[6] = {0xa1b2c3d4, 2 | (4u << 16), 0, 0, 262144, 1};
+    if (fd >= 0 && write(fd, header, sizeof header) != (ssize_t)sizeof header)
+        return -1;
+    return fd;
+}
+
+/* One writev of the batch's records: a 16-byte header, then the frame in its slot. */
+static void write_records(int fd, struct mmsghdr *msgs, struct iovec *iov, int n)
+{
+    static uint32_t headers[BATCH][4];
+    static struct iovec out[2 * BATCH];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    for (int j = 0; j < n; j++) {
+        headers[j][0] = (uint32_t)ts.tv_sec;
+        headers[j][1] = (uint32_t)(ts.tv_nsec / 1000);
+        headers[j][2] = headers[j][3] = msgs[j].msg_len;
+        out[2 * j].iov_base = headers[j];
+        out[2 * j].iov_len = sizeof headers[j];
+        out[2 * j + 1] = iov[j];
+    }
+    (void)!writev(fd, out, 2 * n);
+}
+
 static double now(void)
 {
     struct timespec ts;
@@ -60,13 +94,18 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 6) {
-        fprintf(stderr, "usage: minirelay A_LPORT A_PEER B_LPORT B_PEER SECONDS\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: minirelay A_LPORT A_PEER B_LPORT B_PEER SECONDS [PCAP]\n");
         return 2;
     }
     int fds[2] = {open_end(atoi(argv[1]), atoi(argv[2])), open_end(atoi(argv[3]), atoi(argv[4]))};
     if (fds[0] < 0 || fds[1] < 0) {
         perror("minirelay: socket");
+        return 1;
+    }
+    int pcap = argc == 7 ? open_pcap(argv[6]) : -1;
+    if (argc == 7 && pcap < 0) {
+        perror("minirelay: pcap");
         return 1;
     }
     double end = now() + atof(argv[5]);
@@ -104,6 +143,8 @@ int main(int argc, char **argv)
                     break;
                 for (int j = 0; j < got; j++)
                     iov[j].iov_len = msgs[j].msg_len;
+                if (pcap >= 0)
+                    write_records(pcap, msgs, iov, got);
                 int sent = sendmmsg(fds[1 - side], msgs, (unsigned)got, MSG_DONTWAIT);
                 if (sent > 0)
                     forwarded[side] += (unsigned long long)sent;

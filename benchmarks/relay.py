@@ -4,21 +4,28 @@
 Each relay runs as a subprocess between `tunnelscope blast` and `tunnelscope sink`:
   direct   no relay: blast straight into sink (the ceiling of this harness)
   minimal  benchmarks/minirelay.c, one recvmmsg/sendmmsg loop, compiled here with gcc (the
-           physical limit every ratio is taken against)
+           physical limit every ratio is taken against); with capture on, the same loop also
+           writing every frame to a pcap with one writev per batch (the capture reference)
   c        `tunnelscope bridge --backend c`;  python: `--backend python`
-  ubridge  GNS3's relay, when one is on PATH
-Cases: 64, 512 and 1400-byte frames; the C backend with --gso (UDP GSO sends) at 64 and 1400
-bytes; one direction and both (a --peer process of this script
-on each side, sending and receiving); capture off and on; freq_drop 5; delay 10 ms; 1000 links
-idle and with traffic (an Engine with 1000 links in this script's --serve mode, fed by --peer).
+  base     the C backend of another checkout (--baseline DIR, its extension built in place):
+           before/after figures of a change from one run
+  ubridge  GNS3's relay, when its binary is given (--ubridge PATH) or on PATH
+Cases: 64, 512, 1400 and 9000-byte frames (9000: jumbo frames between QEMU VMs), paced and
+flat out (saturated); the C backend with --gso (UDP GSO sends); one direction and both (a
+--peer process of this script on each side, sending and receiving); capture off and on;
+freq_drop 5; delay 10 ms; 1000 links idle and with traffic (an Engine with 1000 links in this
+script's --serve mode, fed by --peer). The relay is pinned to the last CPU, the traffic
+processes to the others (--cpu). Runs are interleaved: run 1 of every case, then run 2...
 Figures, medians of --runs runs: delivered frames/s, loss, and the relay's CPU time per frame it
 forwarded (by its own count), read from /proc over the traffic window (per-thread schedstat in
 ns; utime+stime in 10 ms ticks where schedstat is missing), the steadiest figure on a shared
-machine, with its ratio to the minimal loop's. CPU per frame is measured at a fixed offered load
-every relay sustains (--load, "paced"; both directions: half each way), throughput flat out.
+machine, with its ratio to the minimal loop's in the same mode (capture on: the capturing
+loop's). CPU per frame is measured at a fixed offered load every relay sustains (--load,
+"paced"; both directions: half each way), throughput flat out.
 
     python benchmarks/relay.py            # 3 runs of every case, about 7 minutes on 2 cores
     python benchmarks/relay.py --quick    # 1 run of fewer cases, about a minute
+    python benchmarks/relay.py --runs 6 --only size,capture   # the groups named, 6 runs
 """
 
 from __future__ import annotations
@@ -161,13 +168,15 @@ class Harness:
             return this_script("--serve", config), None
         a, b = f"udp:{la}:{HOST}:{pa}", f"udp:{lb}:{HOST}:{pb}"
         if case.relay == "minimal":
-            return [self.minirelay, *map(str, (la, pa, lb, pb)), str(LONG)], None
+            capture = [str(self.workdir / "capture.pcap")] if case.capture else []
+            return [self.minirelay, *map(str, (la, pa, lb, pb)), str(LONG), *capture], None
         if case.relay == "ubridge":
             directory = tempfile.mkdtemp(dir=self.workdir)
             ini = f"[bridge0]\nsource_udp = {la}:{HOST}:{pa}\ndestination_udp = {lb}:{HOST}:{pb}\n"
             Path(directory, "ubridge.ini").write_text(ini)
-            return ["ubridge"], directory
-        command = tunnelscope("bridge", a, b, "--backend", case.relay, "--duration", str(LONG))
+            return [self.args.ubridge], directory
+        backend = "c" if case.relay == "base" else case.relay
+        command = tunnelscope("bridge", a, b, "--backend", backend, "--duration", str(LONG))
         command.append("--json")
         for impairment in case.impairments:
             command += ["-I", impairment]
@@ -176,6 +185,14 @@ class Harness:
         if case.gso:
             command.append("--gso")
         return command, None
+
+    def _pin(self, relay: bool) -> Any:
+        """A preexec_fn pinning the relay to CPU --cpu, the traffic to the other CPUs."""
+        cpus = os.sched_getaffinity(0)
+        if self.args.cpu is None or self.args.cpu not in cpus or len(cpus) < 2:
+            return None
+        chosen = {self.args.cpu} if relay else cpus - {self.args.cpu}
+        return lambda: os.sched_setaffinity(0, chosen)
 
     def measure(self, case: Case) -> Sample:
         """One sample; tried again with new ports if a port was taken meanwhile."""
@@ -194,7 +211,15 @@ class Harness:
         try:
             if case.relay != "direct":
                 command, cwd = self.relay_command(case, ports)
-                relay = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, text=True)
+                env = {**os.environ, "PYTHONPATH": self.args.baseline or ""}
+                relay = subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    preexec_fn=self._pin(True),
+                    env=env if case.relay == "base" else None,
+                )
                 processes.append(relay)
             receivers = self._traffic(case, ports, send=False)
             processes += receivers
@@ -246,7 +271,9 @@ class Harness:
                 specs = [(a_specs, [])] if send else [([], b_specs)]
             return [
                 subprocess.Popen(
-                    this_script("--peer", {**peer, "send": s, "recv": r}), stdout=subprocess.PIPE
+                    this_script("--peer", {**peer, "send": s, "recv": r}),
+                    stdout=subprocess.PIPE,
+                    preexec_fn=self._pin(False),
                 )
                 for s, r in specs
             ]
@@ -257,7 +284,7 @@ class Harness:
         else:
             command = tunnelscope("sink", b_specs[0], "--json", "--idle", str(IDLE))
             command += ["--duration", str(self.args.duration + 20)]
-        return [subprocess.Popen(command, stdout=subprocess.PIPE)]
+        return [subprocess.Popen(command, stdout=subprocess.PIPE, preexec_fn=self._pin(False))]
 
 
 class PortTaken(Exception):
@@ -413,17 +440,25 @@ def _more_files(needed: int) -> None:
 # --- the plan and the report -------------------------------------------------------------
 
 
-def plan(quick: bool) -> list[Case]:
-    relays = ["minimal", "c", "python"] + (["ubridge"] if shutil.which("ubridge") else [])
+def plan(quick: bool, ubridge: str | None, baseline: bool) -> list[Case]:
+    base = ["base"] if baseline else []
+    relays = ["minimal", "c", *base, "python"] + (["ubridge"] if ubridge else [])
     backends = ["c"] if quick else ["c", "python"]
+    sizes = (64, 1400, 9000) if quick else (64, 512, 1400, 9000)
     cases = [Case("size", "direct")]  # what the harness itself loses at the paced load
-    for size in (64, 1400) if quick else (64, 512, 1400):
+    for size in sizes:
         cases += [Case("size", relay, size) for relay in relays]
-    for size in (64,) if quick else (64, 1400):
+    for size in (64, 1400, 9000):
         cases += [Case("size", relay, size, paced=False) for relay in ["direct", *relays]]
-    cases += [Case("C --gso", "c", size, gso=True) for size in (64, 1400)]
+    cases += [Case("C --gso", r, size, gso=True) for size in (64, 1400, 9000) for r in ["c", *base]]
     cases += [Case("both directions", r, both=True) for r in ["minimal", *backends]]
-    cases += [Case("capture on", r, capture=True) for r in backends]
+    for size in (64, 1400, 9000):
+        capturing = (
+            ["minimal", "c", *base]
+            + ([] if quick else ["python"])
+            + (["ubridge"] if ubridge else [])
+        )
+        cases += [Case("capture on", r, size, capture=True) for r in capturing]
     cases += [Case("freq_drop 5", r, impairments=("freq_drop 5",)) for r in backends]
     cases += [Case("delay 10 ms", r, paced=False, impairments=("delay 10",)) for r in backends]
     cases += [Case("1000 links idle", r, links=1000, lab=True, traffic=False) for r in backends]
@@ -453,7 +488,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
     ]
     for row in rows:
         c = row.case
-        minimal = find(relay="minimal", size=c.size, paced=c.paced, both=c.both)
+        minimal = find(relay="minimal", size=c.size, paced=c.paced, both=c.both, capture=c.capture)
         cpu, base = row.median("cpu_us"), minimal.median("cpu_us") if minimal else None
         ratio = f"{cpu / base:.2f}" if cpu and base else ""
         cpu_text = f"{cpu:.2f}" if cpu is not None else ""
@@ -464,6 +499,15 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
             f"{c.group:<22}{c.relay:<9}{c.mode:<7}{c.size:>6}{row.median('fps') or 0:>13,.0f}"
             f"{'' if loss is None else f'{loss:.2f}':>9}{cpu_text:>14}{ratio:>11}"
         )
+    against_base = [(row, find(**{**asdict(row.case), "relay": "base"})) for row in rows]
+    against_base = [(row, base) for row, base in against_base if row.case.relay == "c" and base]
+    if against_base:
+        lines += ["", "c against base (the --baseline checkout), same run: CPU/frame, frames/s"]
+    for row, base in against_base:
+        c = row.case
+        cpu, fps = (_ratio(row, base, key) for key in ("cpu_us", "fps"))
+        figures = f"CPU x {cpu or 0:.3f}  frames/s x {fps or 0:.3f}"
+        lines.append(f"  {c.group:<20}{c.mode:<7}{c.size:>6}  {figures}")
     lines += ["", "targets:"]
     for text, value, limit, higher in targets(rows, find):
         if value is None:
@@ -475,19 +519,39 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, bool]]:
-    def ratio(row: Row | None, base: Row | None, key: str) -> float | None:
-        a, b = (r.median(key) if r else None for r in (row, base))
-        return a / b if a and b else None
+def _ratio(row: Row | None, base: Row | None, key: str) -> float | None:
+    a, b = (r.median(key) if r else None for r in (row, base))
+    return a / b if a and b else None
 
+
+def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, bool]]:
     out = []
-    for size in (64, 1400):
-        c = find(group="size", relay="c", size=size, paced=True)
-        minimal = find(group="size", relay="minimal", size=size, paced=True)
-        out.append((f"C CPU/frame at {size} B vs minimal", ratio(c, minimal, "cpu_us"), 1.0, False))
-    capture = find(group="capture on", relay="c")
-    minimal = find(group="size", relay="minimal", size=64, paced=True)
-    out.append(("C capture on CPU/frame vs minimal", ratio(capture, minimal, "cpu_us"), 1.1, False))
+    for size in (64, 1400, 9000):
+        for paced in (True, False):
+            c = find(group="size", relay="c", size=size, paced=paced)
+            minimal = find(group="size", relay="minimal", size=size, paced=paced)
+            mode = "paced" if paced else "flat"
+            out.append(
+                (
+                    f"C CPU/frame at {size} B {mode} vs minimal",
+                    _ratio(c, minimal, "cpu_us"),
+                    1.0,
+                    False,
+                )
+            )
+            if not paced:
+                out.append(
+                    (
+                        f"C frames/s at {size} B flat vs minimal",
+                        _ratio(c, minimal, "fps"),
+                        0.95,
+                        True,
+                    )
+                )
+        capture = find(group="capture on", relay="c", size=size)
+        minimal = find(group="capture on", relay="minimal", size=size)
+        text = f"C capture on CPU/frame at {size} B vs capturing minimal"
+        out.append((text, _ratio(capture, minimal, "cpu_us"), 1.1, False))
     for backend in ("c", "python"):
         delayed = find(group="delay 10 ms", relay=backend)
         plain = find(group="size", relay=backend, size=64, paced=False)
@@ -495,7 +559,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
             out.append(
                 (
                     f"{backend} delay 10 ms throughput vs without",
-                    ratio(delayed, plain, "fps"),
+                    _ratio(delayed, plain, "fps"),
                     0.9,
                     True,
                 )
@@ -509,7 +573,7 @@ def targets(rows: list[Row], find: Any) -> list[tuple[str, float | None, float, 
         one = find(relay=backend, links=1, lab=True, paced=False)
         if many:
             out.append(
-                (f"{backend} 1000 links aggregate vs one link", ratio(many, one, "fps"), 0.8, True)
+                (f"{backend} 1000 links aggregate vs one link", _ratio(many, one, "fps"), 0.8, True)
             )
     return out
 
@@ -530,11 +594,34 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds of traffic per run")
     parser.add_argument("--load", type=float, default=50_000, help="paced offered frames/s")
     parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the C backend of the tunnelscope checkout in DIR (relay 'base')",
+    )
+    parser.add_argument("--ubridge", metavar="PATH", help="ubridge binary (default: on PATH)")
+    parser.add_argument(
+        "--only",
+        metavar="GROUPS",
+        help="only these groups (comma-separated"
+        " prefixes of the case labels: size, capture, both, ...)",
+    )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=(os.cpu_count() or 1) - 1,
+        help="pin the relay to this CPU, the traffic to the others (default: the"
+        " last CPU; -1: no pinning)",
+    )
     args = parser.parse_args()
+    args.ubridge = args.ubridge or shutil.which("ubridge")
     args.runs = args.runs or (1 if args.quick else 3)
     args.loadavg = os.getloadavg()[0]
     args.duration = args.duration or (1.5 if args.quick else 2.0)
-    cases = plan(args.quick)
+    cases = plan(args.quick, args.ubridge, bool(args.baseline))
+    if args.only:
+        prefixes = tuple(p.strip() for p in args.only.split(","))
+        cases = [c for c in cases if c.group.startswith(prefixes)]
     rows = [Row(case) for case in cases]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tunnelscope-bench-") as workdir:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import tshark
 
 from tunnelscope.datapath.engine import Engine, Link, available_backends
 from tunnelscope.datapath.impairments import chains, parse_impairment
@@ -285,6 +286,32 @@ def test_capture_pre_and_post_with_drop_comments(backend: str, tmp_path) -> None
     ]
     post = [numbers([p.data])[0] for p in packets if p.interface == 1]
     assert post == [1, 3, 5, 100, 101]
+
+
+@tshark.required
+def test_jumbo_and_largest_frames_cross_whole_with_capture_on(backend: str, tmp_path) -> None:
+    """9000-byte (QEMU jumbo) and 65,507-byte frames, both ways, captured at both points: the
+    frames and their records whole. 20 of the largest outgrow the capture buffer (1 MiB)."""
+    path = tmp_path / "big.pcapng"
+    a2b = [os.urandom(9000), os.urandom(65507)] + [os.urandom(65507) for _ in range(20)]
+    b2a = [os.urandom(65507), os.urandom(9000)]
+    with lab(backend) as t:
+        t.link.start_capture(str(path), LinkType.ETHERNET, "both")
+        t.send(t.peer_a, a2b, pace=4)
+        assert t.receive(t.peer_b, len(a2b)) == a2b
+        t.send(t.peer_b, b2a)
+        assert t.receive(t.peer_a, len(b2a)) == b2a
+        t.settle(len(a2b))
+        state = t.link.stop_capture()
+    assert state is not None and state.error is None
+    with open_capture(str(path)) as reader:
+        records = [(p.interface, p.data) for p in reader]
+    for interface in (0, 1):  # pre, post
+        assert [data for i, data in records if i == interface] == a2b + b2a
+    rows = tshark.fields(str(path), ["frame.len", "frame.cap_len"])
+    assert [(r["frame.len"], r["frame.cap_len"]) for r in rows] == [
+        ([str(len(data))], [str(len(data))]) for _, data in records
+    ]
 
 
 def test_capture_that_fails_never_stops_the_link(backend: str) -> None:

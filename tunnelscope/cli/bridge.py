@@ -103,7 +103,8 @@ from tunnelscope.nio import EndpointError
     is_flag=True,
     help="Send runs of equal-size UDP frames as one GSO (UDP_SEGMENT) send: up to a third less "
     "CPU per frame. Receivers still get one datagram per frame, but a sniffer on lo (Wireshark, "
-    "tunnelscope sniff) sees merged super-packets. C backend only.",
+    "tunnelscope sniff) sees merged super-packets, hence off by default (docs/pipeline.md). "
+    "C backend only.",
 )
 @click.option(
     "--stream",

@@ -15,7 +15,8 @@
 #include <unistd.h>
 
 #define FLUSH_BYTES (1u << 20)        /* a capture buffer this large is written at once */
-#define CAPTURE_KEEP_BYTES (1u << 18) /* capacity a capture buffer keeps after a flush */
+#define CAPTURE_KEEP_BYTES (1u << 18) /* capacity a capture buffer always may keep */
+#define SHRINK_NS 1000000000LL        /* a buffer is cut back to what this long of flushes used */
 #define STALL_BYTES (4u << 20)        /* a non-blocking reader this far behind has stalled */
 #define RETRY_NS 10000000LL           /* a blocked (EAGAIN) capture is retried this often */
 
@@ -69,6 +70,29 @@ static void cap_consume(CaptureObject *c, size_t n)
         c->cuts[i] -= n;
 }
 
+/* Give back the memory a burst took, once the flushes of a whole SHRINK_NS window needed far
+ * less: shrinking after every flush would make a steady load fault fresh pages in again for
+ * each flush (1 MiB is 256 page faults, every flush interval). */
+static void cap_trim(CaptureObject *c, size_t flushed, int64_t now)
+{
+    if (flushed > c->peak)
+        c->peak = flushed;
+    if (now - c->peak_since < SHRINK_NS)
+        return;
+    size_t keep = CAPTURE_KEEP_BYTES;
+    while (keep < 2 * c->peak && keep < c->cap)
+        keep *= 2;
+    if (c->cap > 2 * keep && c->len <= keep) { /* a burst grew it: give the memory back */
+        uint8_t *buf = realloc(c->buf, keep);
+        if (buf) {
+            c->buf = buf;
+            c->cap = keep;
+        }
+    }
+    c->peak = 0;
+    c->peak_since = now;
+}
+
 /* Write the current file's buffered bytes. A non-blocking reader that is not keeping up
  * (EAGAIN) keeps the rest buffered, up to STALL_BYTES. The caller holds c->lock. */
 void cap_flush(CaptureObject *c)
@@ -112,14 +136,9 @@ void cap_flush(CaptureObject *c)
         }
         return;
     }
-    c->oldest = c->len ? mono_ns() : -1;
-    if (c->cap > 2 * CAPTURE_KEEP_BYTES) { /* a burst grew it: give the memory back */
-        uint8_t *buf = realloc(c->buf, CAPTURE_KEEP_BYTES);
-        if (buf) {
-            c->buf = buf;
-            c->cap = CAPTURE_KEEP_BYTES;
-        }
-    }
+    int64_t now = mono_ns();
+    c->oldest = c->len ? now : -1;
+    cap_trim(c, done, now);
 }
 
 static bool cap_reserve(CaptureObject *c, size_t extra)

@@ -29,7 +29,8 @@
  * Memory. One receive buffer set per loop (BATCH slots of SLOT_SIZE bytes), whatever the
  * number of bridges. A frame's bytes stay in its slot while its batch is processed; only a
  * frame that must wait (delay, rate, reorder, a duplicate) gets a malloc'd copy, freed when
- * sent. Frame descriptors come from a pool trimmed to FREE_FRAMES_KEPT after every pass.
+ * sent. Frame descriptors come from a pool trimmed to FREE_FRAMES_KEPT after every pass; a
+ * batch of a direction with no chain and nothing queued uses the loop's `direct` ones.
  */
 #ifndef TUNNELSCOPE_FASTPATH_H
 #define TUNNELSCOPE_FASTPATH_H
@@ -188,6 +189,8 @@ typedef struct {
     uint64_t frames;
     uint8_t *buf;
     size_t len, cap;
+    size_t peak;         /* most bytes one flush wrote since peak_since (cap_trim) */
+    int64_t peak_since;  /* monotonic ns */
     int64_t oldest; /* monotonic ns of the oldest unwritten record, -1: none */
     off_t offset;   /* file offset after the last successful write */
     bool failed;
@@ -290,6 +293,7 @@ typedef struct {
     struct sockaddr_ll rx_names[BATCH]; /* AF_PACKET only: the packet type of each frame */
     bool rx_named;                      /* rx_msgs currently ask for them */
     rxframe_t rx[BATCH];
+    frame_t direct[BATCH]; /* the frames of a batch that skips the chain and the queue */
     txbuf_t tx;
     bool gso; /* send runs of equal-size UDP frames with UDP_SEGMENT */
     struct epoll_event events[MAX_EVENTS];

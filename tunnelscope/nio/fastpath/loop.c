@@ -15,6 +15,7 @@
 
 #define SIGNAL_CHECK_NS 200000000LL   /* longest wait between two looks at Python signals */
 #define FREE_FRAMES_KEPT 4096         /* frame descriptors the pool keeps between passes */
+#define RECV_ROUNDS 8                 /* full batches read from one endpoint per epoll event */
 
 static void activate(LoopObject *L, dir_t *d)
 {
@@ -49,11 +50,10 @@ static inline bool tap_match(const tap_t *tap, const uint8_t *data, uint32_t len
     return !tap->filter || bpf_run(tap->filter, data, len) != 0;
 }
 
-/* Release what is due, record it at the post point, send it (pipeline.Link.transmit). */
-static void transmit(LoopObject *L, bridge_t *b, dir_t *d, int64_t now)
+/* Record the frames in L->out at the post point and send them; `pooled`: they are the
+ * pool's, given back once sent (else they are L->direct's). */
+static void send_out(LoopObject *L, bridge_t *b, dir_t *d, int64_t now, bool pooled)
 {
-    L->out.n = 0;
-    release(L, d, now);
     size_t n = L->out.n;
     if (n) {
         frame_t **out = (frame_t **)L->out.a;
@@ -75,10 +75,18 @@ static void transmit(LoopObject *L, bridge_t *b, dir_t *d, int64_t now)
         }
         send_batch(&b->ends[1 - d->index], out, n, &L->tx, L->gso, &d->forwarded,
                    &d->send_errors);
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = 0; i < n && pooled; i++)
             frame_free(&L->pool, out[i]);
         L->out.n = 0;
     }
+}
+
+/* Release what is due, record it at the post point, send it (pipeline.Link.transmit). */
+static void transmit(LoopObject *L, bridge_t *b, dir_t *d, int64_t now)
+{
+    L->out.n = 0;
+    release(L, d, now);
+    send_out(L, b, d, now, true);
     if (queued(d))
         activate(L, d);
     else
@@ -104,10 +112,13 @@ static void own_borrowed(LoopObject *L)
     L->borrowed.n = 0;
 }
 
-/* One receive batch: pre tap, chain, queue, release, post tap, send (pipeline.Link.receive). */
+/* One receive batch: pre tap, chain, queue, release, post tap, send (pipeline.Link.receive).
+ * A direction with no chain and nothing queued sends the batch as it came, in arrival order,
+ * which is what the queue would release at `now`: the frames skip the pool and the queue. */
 static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t now)
 {
     d->received += n;
+    bool direct = d->nstages == 0 && queued(d) == 0 && ptrvec_reserve(&L->out, n);
     bool capturing = false;
     for (size_t t = 0; t < b->ntaps; t++) { /* lock order: the taps' order */
         tap_t *tap = &b->taps[t];
@@ -128,8 +139,12 @@ static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t
         }
         L->survivors.n = 0;
         L->ncauses = 0;
-        frame_t *f = frame_new(&L->pool);
-        if (f) {
+        frame_t *f;
+        if (direct) {
+            L->direct[i].data = rx->data;
+            L->direct[i].len = rx->len;
+            L->out.a[i] = &L->direct[i];
+        } else if ((f = frame_new(&L->pool))) {
             f->data = rx->data;
             f->len = rx->len;
             f->ready = now;
@@ -158,6 +173,14 @@ static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t
             pthread_mutex_unlock(&tap->capture->lock);
         }
     }
+    if (direct) {
+        d->seq += n;
+        d->sends += n;
+        L->out.n = n;
+        send_out(L, b, d, now, false);
+        deactivate(L, d);
+        return;
+    }
     transmit(L, b, d, now);
     own_borrowed(L);
 }
@@ -170,13 +193,20 @@ static void handle_event(LoopObject *L, uint64_t tag, uint32_t events)
     int side = (int)(tag & 1);
     endpoint_t *ep = &b->ends[side];
     dir_t *d = &b->dirs[side];
-    if (!ep->registered)
-        return;
-    int n = ep->kind == KIND_DGRAM ? recv_dgram(L, ep) : recv_fd(L, ep, events);
-    if (n < 0)
-        deregister(L, ep); /* the fd is broken for good: stop reading it, keep the bridge */
-    else if (n > 0) /* the arrival time: read once the batch is in, so no frame leaves early */
+    /* A full batch says more is waiting: read on without asking epoll again (as the minimal
+     * loop does), up to RECV_ROUNDS batches, so that the other endpoints and the timers wait
+     * at most that long. */
+    for (int round = 0; round < RECV_ROUNDS && ep->registered; round++) {
+        int n = ep->kind == KIND_DGRAM ? recv_dgram(L, ep) : recv_fd(L, ep, events);
+        if (n < 0)
+            deregister(L, ep); /* the fd is broken for good: stop reading it, keep the bridge */
+        if (n <= 0)
+            return;
+        /* the arrival time: read once the batch is in, so no frame leaves early */
         link_receive(L, b, d, (size_t)n, mono_ns());
+        if (n < BATCH)
+            return;
+    }
 }
 
 /* Timers: due frames of every direction with a queue, due capture flushes. */
