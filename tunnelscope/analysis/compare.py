@@ -42,7 +42,7 @@ from itertools import chain
 from typing import BinaryIO
 
 from tunnelscope.decoders import decode
-from tunnelscope.decoders.base import Decoded
+from tunnelscope.decoders.base import Decoded, top_protocol
 from tunnelscope.decoders.frelay import CONTROL_UI, NLPID_IPV4, NLPID_IPV6, NLPID_SNAP
 from tunnelscope.decoders.wireshark import Dissectors, headline, protocol_column
 from tunnelscope.formats.capture import Reader, read_capture
@@ -306,7 +306,7 @@ def describe(linktype: int, number: int, ts_ns: int, data: bytes) -> Frame:
     """Decode a frame for a report: its summary, top protocol and flow (who talks to whom)."""
     decoded = decode(linktype, data)
     fields = decoded.fields
-    protocol = decoded.protocols[-1] if decoded.protocols else "unknown"
+    protocol = top_protocol(decoded)
     for prefix in ("ip", "ipv6"):
         if f"{prefix}.src" in fields:
             src, dst = str(fields[f"{prefix}.src"]), str(fields[f"{prefix}.dst"])

@@ -885,7 +885,7 @@ class Decap:
         self.scanner.add_interface(linktype, 1, MAX_CAPLEN)
         self._open_outputs()
         self._count = count
-        return self._drive(lambda: self._pump_blocks(blocks, count))
+        return self._drive(lambda: self._pump_blocks(blocks))
 
     def _start(self, pcapng_input: bool, limit: int, nanosecond: bool) -> None:
         """The scanner, once the input's format is known."""
@@ -960,14 +960,14 @@ class Decap:
                     self.progress(total)
             self._settle()
 
-    def _pump_blocks(self, blocks: Iterable[memoryview], count: int | None) -> None:
+    def _pump_blocks(self, blocks: Iterable[memoryview]) -> None:
         for block in blocks:
-            if not self._scan_block(block, count):
+            if not self._scan_block(block):
                 return
 
-    def _scan_block(self, block: memoryview, count: int | None) -> bool:
-        """All of one block; False once `count` frames were written."""
-        scanner = self.scanner
+    def _scan_block(self, block: memoryview) -> bool:
+        """All of one block; False once the run's count of frames was written."""
+        scanner, count = self.scanner, self._count
         index = 0
         while True:
             if count is None:

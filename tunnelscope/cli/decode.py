@@ -76,10 +76,12 @@ def decode(
 
     --dissect wireshark (the default when tshark is installed) hands the capture to
     Wireshark's dissectors: the summary is Wireshark's Info column ("Hello Packet",
-    "KEEPALIVE Message"), fields hold every field Wireshark shows plus _ws.col.Info and
-    _ws.col.Protocol, protocols is tshark's frame.protocols, and -Y keeps only the frames a
-    display filter matches. --dissect builtin uses tunnelscope's own decoders (link layers,
-    IP, ICMP, UDP, TCP), which need no tshark and are several times faster.
+    "KEEPALIVE Message"), fields hold every field Wireshark shows plus its Info, Protocol,
+    Source and Destination columns (_ws.col.Info, ...), protocols is tshark's
+    frame.protocols, and -Y keeps only the frames a display filter matches. --dissect
+    builtin uses tunnelscope's own decoders (link layers, IP, ICMP, UDP, TCP, and OSPF,
+    EIGRP, BGP, RIP, LDP and IS-IS by message type), which need no tshark and are several
+    times faster.
 
     Exit status: 0 when the whole capture was read; 1 when it ends in a damaged record (the
     frames before it are printed, a warning goes to stderr); 2 when it cannot be read at
@@ -212,20 +214,18 @@ def _print_dissected(
     """
     live = _is_live(path)
     printed = 0
+    stopped: list[str] = []
     with contextlib.ExitStack() as stack:
         dissection = stack.enter_context(FileDissection(path, display_filter))
         if dissection.input is None:
             reader = stack.enter_context(open_capture(path))
         else:
             reader = read_capture(dissection.input)
-        frames = enumerate(reader, 1)
+        frames = _numbered(reader, None, stopped)
         for number, decoded in dissection:
             if printed == count:
                 return None
-            try:
-                packet = next((p for n, p in frames if n == number), None)
-            except (CaptureFormatError, OSError) as exc:
-                return str(exc) if isinstance(exc, CaptureFormatError) else exc.strerror
+            packet = next((p for n, p in frames if n == number), None)
             if packet is None:
                 break
             printed += 1
@@ -233,13 +233,10 @@ def _print_dissected(
             if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
                 return None
         _write("", flush=True)
-        try:
-            for _ in frames:  # a damaged record after tshark's last frame: say so, as builtin
-                pass
-        except CaptureFormatError as exc:
-            return str(exc)
-        except OSError as exc:
-            return exc.strerror or str(exc)
+        for _ in frames:  # a damaged record after tshark's last frame: said, as builtin says it
+            pass
+        if stopped:
+            return stopped[0]
         failure = dissection.failure()
     if failure:
         raise DissectError(failure)

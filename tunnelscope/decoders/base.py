@@ -79,6 +79,11 @@ class Builder:
         return Decoded(linktype, summary, self.fields, self.protocols, self._problem is not None)
 
 
+def top_protocol(decoded: Decoded) -> str:
+    """The innermost protocol of a frame as tshark names it ("ospf"), for grouping frames."""
+    return decoded.protocols[-1] if decoded.protocols else "unknown"
+
+
 _C_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r"}
 
 

@@ -5,9 +5,9 @@ Wireshark's Info column, `protocols` is frame.protocols as tshark prints it (wit
 "ethertype" and "data" entries), `fields` holds every field of the dissection under its
 display-filter name plus the `_ws.col.Info`, `_ws.col.Protocol`, `_ws.col.Source` and
 `_ws.col.Destination` columns; `malformed` is set when Wireshark added its "Malformed
-Packet" layer. Values follow tshark: integer fields are ints,
-booleans bools, everything else tshark's text; a field is a list when it occurs several
-times in the frame (as `tshark -T json --no-duplicate-keys` groups it), else one value.
+Packet" layer. Values follow tshark: integer fields are ints, booleans bools, everything
+else tshark's text; a field is a list when it occurs several times in the frame (as
+`tshark -T json --no-duplicate-keys` groups it), else one value.
 
 Two ways in, one tshark each, started once and kept for the life of the caller:
 - `FileDissection`: tshark reads a capture file itself, or a copy of a pipe (standard input)
@@ -59,7 +59,7 @@ from pyshark.tshark.tshark import (
     get_tshark_version,
 )
 
-from tunnelscope.decoders.base import Decoded
+from tunnelscope.decoders.base import Decoded, top_protocol
 from tunnelscope.formats.pcap import global_header, record
 
 if TYPE_CHECKING:
@@ -316,9 +316,7 @@ def protocol_column(decoded: Decoded) -> str:
     """The protocol a frame carries, for per-protocol counts: Wireshark's Protocol column
     ("OSPF"), or for a built-in decoding its top protocol in capitals ("ICMP")."""
     column = decoded.fields.get("_ws.col.Protocol")
-    if column:
-        return str(column)
-    return decoded.protocols[-1].upper() if decoded.protocols else "unknown"
+    return str(column) if column else top_protocol(decoded).upper()
 
 
 # ------------------------------------------------------------------------------- process

@@ -488,17 +488,20 @@ class _Prefixed(socket.socket):
 
     def recv(self, size: int, flags: int = 0) -> bytes:  # type: ignore[override]
         if self._head:
-            head, self._head = self._head, b""
-            return head
+            return self._take_head(size)
         return super().recv(size, flags)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """As `recv`, for `makefile()` readers (a capture Reader over the stream)."""
         if self._head:
-            head, self._head = self._head, b""
+            head = self._take_head(nbytes or len(buffer))
             buffer[: len(head)] = head
             return len(head)
         return super().recv_into(buffer, nbytes, flags)
+
+    def _take_head(self, size: int) -> bytes:
+        head, self._head = self._head[:size], self._head[size:]
+        return head
 
 
 def copy_stream(sock: socket.socket, fd: int) -> int:
