@@ -4,11 +4,11 @@ routing capture per encapsulation (routing-*.pcap).
     python captures/make_captures.py [OUTDIR]      (default: this folder)
 
 Frames come from scapy where it has the layers (Ethernet, 802.1Q/802.1ad, IPv4/IPv6, ARP,
-ICMP, UDP, TCP, PPP and its control protocols, CDP, OSPF, EIGRP, BGP, RIP, LDP, IS-IS) and
-are built by hand where it has none (Cisco HDLC, SLARP, Frame Relay, LMI). Timestamps are
-fixed, so the files are reproducible byte for byte; tests/test_captures.py checks that, and
-what tshark decodes from them. `FRAMES` (per link type) and `ROUTING` (per routing file) are
-importable: tests and demos reuse the frames without the files.
+ICMP, UDP, TCP, PPP and its control protocols, CDP, OSPF, EIGRP, BGP, RIP, LDP, IS-IS, HSRP,
+VRRP) and are built by hand where it has none (Cisco HDLC, SLARP, Frame Relay, LMI, HSRPv2).
+Timestamps are fixed, so the files are reproducible byte for byte; tests/test_captures.py
+checks that, and what tshark decodes from them. `FRAMES` (per link type) and `ROUTING` (per
+routing file) are importable: tests and demos reuse the frames without the files.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from scapy.contrib.ospf import (
     OSPFv3_Hdr,
     OSPFv3_Hello,
 )
+from scapy.layers.hsrp import HSRP
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, LLC, SNAP, Dot1AD, Dot1Q, Dot3, Ether
@@ -79,6 +80,7 @@ from scapy.layers.ppp import (
     PPP_PAP_Request,
 )
 from scapy.layers.rip import RIP, RIPEntry
+from scapy.layers.vrrp import VRRP, VRRPv3
 from scapy.packet import Packet
 
 from tunnelscope.formats.capture import CaptureWriter, Format
@@ -508,14 +510,40 @@ def routing_ethernet_frames() -> list[bytes]:
             frame = Dot3(dst=CDP_MULTICAST, src=R1_MAC) / LLC(dsap=0xAA, ssap=0xAA, ctrl=3)
             frame = frame / SNAP(OUI=0x00000C, code=0x2000) / packet
         else:
-            dst = (
-                ("01:00:5e:00:00:" + f"{packet[19]:02x}") if kind == "ipv4" else "33:33:00:00:00:05"
-            )
-            if kind == "ipv4" and packet[16] < 224:
-                dst = R2_MAC
+            dst = _ethernet_multicast(packet) if _multicast(kind, packet) else R2_MAC
             frame = Ether(dst=dst, src=R1_MAC, type=ETHERTYPES[kind]) / packet
         frames.append(bytes(frame))
-    return frames
+    return frames + fhrp_frames()
+
+
+def fhrp_frames() -> list[bytes]:
+    """First-hop redundancy on the LAN, R1 active for 10.0.0.254: HSRP version 1 and 2 Hellos,
+    VRRPv2 and VRRPv3 Advertisements (IPv4), and a VRRPv3 Advertisement over IPv6."""
+    group_state = struct.pack(  # HSRPv2 Group State TLV (see tunnelscope/decoders/hsrp.py)
+        "!BBBBBBH6sIII16s", 1, 40, 2, 0, 6, 4, 10, bytes.fromhex(R1_MAC.replace(":", "")),
+        110, 3000, 10000, socket.inet_aton("10.0.0.254") + bytes(12),
+    )  # fmt: skip
+    text_auth = struct.pack("!BB8s", 3, 8, b"cisco")
+    hsrp = UDP(sport=1985, dport=1985)
+    to_vrrp = IP(src="10.0.0.1", dst="224.0.0.18", ttl=255, id=50)
+    packets = [
+        IP(src="10.0.0.1", dst="224.0.0.2", ttl=1, id=51)
+        / hsrp
+        / HSRP(state=16, priority=110, group=1, virtualIP="10.0.0.254"),
+        IP(src="10.0.0.1", dst="224.0.0.102", ttl=255, id=52) / hsrp / (group_state + text_auth),
+        to_vrrp / VRRP(vrid=1, priority=110, addrlist=["10.0.0.253"]),
+        to_vrrp / VRRPv3(vrid=2, priority=110, addrlist=["10.0.0.252"]),
+        IPv6(src="fe80::1", dst="ff02::12", hlim=255)
+        / VRRPv3(vrid=3, priority=110, ipcount=1, addrlist=["fe80::fe"]),
+    ]
+    return [bytes(Ether(dst=_ethernet_multicast(bytes(p)), src=R1_MAC) / p) for p in packets]
+
+
+def _ethernet_multicast(packet: bytes) -> str:
+    """The Ethernet address of an IPv4 or IPv6 multicast packet's destination group."""
+    if packet[0] >> 4 == 6:
+        return "33:33:" + packet[36:40].hex(":")
+    return "01:00:5e:" + bytes([packet[17] & 0x7F, packet[18], packet[19]]).hex(":")
 
 
 # file name -> (link type, frames): the routing captures, one per encapsulation

@@ -184,6 +184,8 @@ def _routing_info(name: str) -> list[str]:
     infos += ["Response", "Hello Message", "Hello Packet", f"{hello}, System-ID: 0000.0000.0001"]
     infos += ["L2 LSP, LSP-ID: 0000.0000.0001.00-00, Sequence: 0x00000003, Lifetime:  1199s"]
     infos += [f"Device ID: R1  Port ID: {'Ethernet0/0' if lan else 'Serial1/0'}"]
+    if lan:  # first-hop redundancy: HSRP v1 and v2, VRRPv2, VRRPv3 over IPv4 and IPv6
+        infos += ["Hello (state Active)"] * 2 + ["Announcement (v2)"] + ["Announcement (v3)"] * 2
     if name == "routing-frelay-ietf.pcap":  # ANSI and Q.933 Annex A (tshark's q933)
         infos += ["STATUS ENQUIRY", "STATUS"] * 2
     elif name == "routing-frelay-cisco.pcap":  # Cisco LMI

@@ -1,4 +1,5 @@
-"""The routing decoders (isis, ospf, eigrp, bgp, rip, ldp) against tshark, on captures/routing-*.
+"""The routing decoders (isis, ospf, eigrp, bgp, rip, ldp, hsrp, vrrp) against tshark, on
+captures/routing-*.
 
 For every frame of every routing capture (one per encapsulation: C-HDLC, PPP, Frame Relay
 IETF and Cisco, Ethernet): the built-in decoder finds it well-formed, its `protocols` equal
@@ -44,6 +45,7 @@ from scapy.contrib.ospf import (
     OSPF_LSReq_Item,
 )
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
 from scapy.layers.rip import RIP, RIPEntry
 from test_decoders_frames import write_pcap
 from test_decoders_tshark import _TSHARK_PSEUDO_PROTOCOLS, _as_tshark
@@ -56,8 +58,11 @@ CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 ROUTING = sorted(CAPTURES.glob("routing-*.pcap"))
 OWN_KEYS = {"lmi.type", "lmi.dlci"}  # tunnelscope's own, see tunnelscope/decoders/__init__.py
 NAMING = ["frame.protocols", "_ws.col.Info", "ospf.version", "rip.version", "cdp.deviceid"]
+NAMING += ["hsrp2.version"]
 ROUTING_PROTOCOLS = {"ospf", "eigrp", "bgp", "rip", "ldp", "isis", "cdp"}
 MESSAGE_TYPES = ["ospf.msg", "eigrp.opcode", "bgp.type", "rip.command", "ldp.msg.type", "isis.type"]
+LAN_PROTOCOLS = {"hsrp", "vrrp"}  # first-hop redundancy runs on Ethernet segments only
+LAN_MESSAGE_TYPES = ["hsrp.opcode", "hsrp2.opcode", "vrrp.type"]
 
 
 @dataclass
@@ -175,6 +180,9 @@ def test_each_capture_holds_every_routing_protocol(path: Path) -> None:
         assert "lmi" in seen or "q933" in seen
     keys = {key for frame in decoded for key in frame.fields}
     assert keys >= set(MESSAGE_TYPES), "a message-type field is never compared"
+    if "ethernet" in path.name:
+        assert seen >= LAN_PROTOCOLS and keys >= set(LAN_MESSAGE_TYPES)
+        assert {"vrrp.ip_addr", "vrrp.ipv6_addr", "hsrp.virt_ip", "hsrp2.virt_ip"} <= keys
 
 
 def _name_in_summary(protocols: list[str], row: dict[str, list[str]]) -> str | re.Pattern[str]:
@@ -195,6 +203,10 @@ def _name_in_summary(protocols: list[str], row: dict[str, list[str]]) -> str | r
         return re.compile(rf"LDP ([^,]+, )*{re.escape(info)}")
     if top == "cdp":
         return f"device {row['cdp.deviceid'][0]}"
+    if top == "hsrp":  # "Hello (state Active)", for both versions
+        return f"HSRP{'v2' if row['hsrp2.version'] else ''} {info}"
+    if top == "vrrp":  # "Announcement (v3)"
+        return f"VRRP {info}"
     assert top in ("lmi", "q933"), protocols
     return re.compile(rf"LMI \S+ {re.escape(info)}( |$)", re.IGNORECASE)  # "STATUS ENQUIRY"
 
@@ -249,3 +261,41 @@ def test_a_bgp_length_below_the_header_is_malformed() -> None:
     bad = b"\xff" * 16 + struct.pack("!HB", 5, 4)
     decoded = decode(LinkType.C_HDLC, _bgp_segment(bad))
     assert decoded.malformed and "BGP message length 5" in decoded.summary
+
+
+def _cut_lan_message(number: int, keep: int) -> bytes:
+    """Frame NUMBER (1-based) of captures/routing-ethernet.pcap with only the first KEEP bytes
+    of its HSRP or VRRP message, and the IP and UDP lengths and checksums to match."""
+    with open_capture(str(CAPTURES / "routing-ethernet.pcap")) as reader:
+        frame = Ether([packet.data for packet in reader][number - 1])
+    outer = frame[UDP] if UDP in frame else frame[IP]
+    message = bytes(outer.payload)[:keep]
+    outer.remove_payload()
+    del frame[IP].len, frame[IP].chksum
+    if UDP in frame:
+        del frame[UDP].len, frame[UDP].chksum
+    return bytes(frame / message)
+
+
+@tshark.required
+@pytest.mark.parametrize(
+    ("number", "keep", "problem", "tshark_agrees"),
+    [
+        (15, 10, "truncated HSRP message", True),  # HSRP v1: 20 bytes
+        # tshark reads a cut Group State TLV without a word; a TLV longer than its message is
+        # still damage, so the built-in decoder says so
+        (16, 30, "HSRPv2 TLV 1 of 40 bytes past the message end", False),
+        (17, 10, "VRRP address 1 of 1 past the message end", True),  # VRRPv2: 8 + 4 + 8 bytes
+    ],
+)
+def test_cut_fhrp_messages_are_marked_malformed(
+    number: int, keep: int, problem: str, tshark_agrees: bool, tmp_path: Path
+) -> None:
+    """A cut message keeps what it has and is marked, where tshark marks the same bytes."""
+    frame = _cut_lan_message(number, keep)
+    decoded = decode(LinkType.ETHERNET, frame)
+    assert decoded.malformed and problem in decoded.summary, decoded.summary
+    assert decoded.protocols[-1] in ("hsrp", "vrrp")
+    path = write_pcap(tmp_path / "cut.pcap", LinkType.ETHERNET, [frame])
+    (row,) = tshark.fields(str(path), ["_ws.expert.message"])
+    assert ("Malformed Packet (Exception occurred)" in row["_ws.expert.message"]) == tshark_agrees

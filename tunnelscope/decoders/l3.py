@@ -4,8 +4,8 @@ A link decoder finds a protocol number (ethertype, SNAP OUI/PID, PPP protocol, N
 hands the payload here. IPv4, IPv6, ARP, ICMP, ICMPv6, UDP and TCP are parsed by dpkt; this
 module only checks what dpkt lets through (lengths past the end of the frame) and names the
 fields the Wireshark way. Routing protocols go to their own modules: IP protocol 88 `eigrp`,
-89 `ospf`; UDP port 520 `rip`, 646 `ldp`; TCP port 179 `bgp`, 646 `ldp` (the lower of the
-two ports first, as tshark tries them).
+89 `ospf`, 112 `vrrp`; UDP port 520 `rip`, 646 `ldp`, 1985 and 2029 `hsrp`; TCP port 179
+`bgp`, 646 `ldp` (the lower of the two ports first, as tshark tries them).
 
 CDP (Cisco; SNAP 00000C/2000, C-HDLC 0x2000, PPP 0x0207):
   version u8 | ttl u8 | checksum u16 | TLVs: type u16, length u16 (header included), value
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import dpkt
 
-from tunnelscope.decoders import bgp, eigrp, ldp, ospf, rip
+from tunnelscope.decoders import bgp, eigrp, hsrp, ldp, ospf, rip, vrrp
 from tunnelscope.decoders.base import Builder, frame_text, name_of, tlvs
 
 # dpkt reports short headers with UnpackError; odd option bytes can surface as the others.
@@ -52,7 +52,6 @@ _NAMED_IP_PROTOCOLS = {
     50: ("esp", "ESP"),
     51: ("ah", "AH"),
     103: ("pim", "PIM"),
-    112: ("vrrp", "VRRP"),
 }
 _IPV6_EXTENSIONS = {
     dpkt.ip6.IP6HopOptsHeader: "ipv6.hopopts",
@@ -89,9 +88,11 @@ _ARP_OPCODES = {
     8: "InARP request",
     9: "InARP reply",
 }
-# Routing protocols, each in its own module: by IP protocol, by UDP and TCP port.
-_ROUTING_IP_PROTOCOLS = {88: eigrp.decode, 89: ospf.decode}
+# Routing and first-hop redundancy protocols, each in its own module: by IP protocol, by UDP
+# and TCP port.
+_ROUTING_IP_PROTOCOLS = {88: eigrp.decode, 89: ospf.decode, 112: vrrp.decode}
 _UDP_PORTS = {rip.PORT: rip.decode, ldp.PORT: ldp.decode}
+_UDP_PORTS.update(dict.fromkeys(hsrp.PORTS, hsrp.decode))
 _TCP_PORTS = {bgp.PORT: bgp.decode, ldp.PORT: ldp.decode}
 _TCP_FLAGS = "FSRPAUEC"  # bit 0 upwards, as tcpdump letters them ("A" printed as ".")
 _CDP_STRINGS = {1: ("cdp.deviceid", "device"), 3: ("cdp.portid", "port"), 6: ("cdp.platform", None)}
@@ -164,7 +165,7 @@ def ipv4(b: Builder, data: bytes) -> None:
     elif ip.offset or ip.mf:  # as tshark (which reassembles): no transport layer per fragment
         b.text(f"fragment id {ip.id} offset {ip.offset * 8}")
     else:
-        _transport(b, ip.p, ip.data, v6=False)
+        _transport(b, ip.p, ip.data, data[header : ip.len], v6=False)
 
 
 def ipv6(b: Builder, data: bytes) -> None:
@@ -199,11 +200,13 @@ def ipv6(b: Builder, data: bytes) -> None:
     if dpkt.ip.IP_PROTO_FRAGMENT in ip6.extension_hdrs:
         b.text("fragment")
     elif hasattr(ip6, "p"):  # dpkt leaves it unset after ESP: the rest is encrypted
-        _transport(b, ip6.p, ip6.data, v6=True)
+        extensions = sum(map(len, ip6.all_extension_headers))
+        _transport(b, ip6.p, ip6.data, data[40 + extensions : 40 + ip6.plen], v6=True)
 
 
-def _transport(b: Builder, proto: int, payload: object, v6: bool) -> None:
-    """The layer after IPv4/IPv6: dpkt has parsed it already, or left bytes if it could not."""
+def _transport(b: Builder, proto: int, payload: object, raw: bytes, v6: bool) -> None:
+    """The layer after IPv4/IPv6: dpkt has parsed it already (`payload`), or left bytes if
+    it could not; `raw` is its bytes as the frame carries them, for the routing modules."""
     if proto == (dpkt.ip.IP_PROTO_ICMP6 if v6 else dpkt.ip.IP_PROTO_ICMP):
         _icmp(b, payload, "icmpv6" if v6 else "icmp")
     elif proto == dpkt.ip.IP_PROTO_UDP:
@@ -222,8 +225,6 @@ def _transport(b: Builder, proto: int, payload: object, v6: bool) -> None:
     elif proto == dpkt.ip.IP_PROTO_TCP:
         _tcp(b, payload)
     elif proto in _ROUTING_IP_PROTOCOLS:
-        # dpkt parses OSPF itself; its own __bytes__ would refill a zero checksum
-        raw = payload if isinstance(payload, bytes) else dpkt.Packet.__bytes__(payload)
         _ROUTING_IP_PROTOCOLS[proto](b, raw)
     elif proto in _NAMED_IP_PROTOCOLS:
         name, text = _NAMED_IP_PROTOCOLS[proto]
