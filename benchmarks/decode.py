@@ -14,22 +14,25 @@ output to /dev/null:
   (see tunnelscope/decoders/wireshark.py and docs/decoders.md).
 Runs are interleaved (each round runs every command once, so load from elsewhere hits all
 alike); the figures are medians over the rounds: wall seconds, frames per second, CPU
-microseconds per frame (the command and everything it started), and the peak RSS of the
-command's own process (for tunnelscope: the Python process, not its tshark; for tshark:
-tshark). Memory flat in the number of frames: compare the SMALL and FRAMES rows.
+microseconds per frame (the command and everything it started), the peak RSS of the
+command's own process (for tunnelscope: the Python process; for tshark: tshark) and that of
+the processes it started (for tunnelscope's Wireshark path: its tshark), sampled from
+/proc every 20 ms. Memory flat in the number of frames: compare the SMALL and FRAMES rows.
 Targets: Wireshark path within 1.5x of `tshark -T json`; built-in faster than `tshark -r`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import BinaryIO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -77,12 +80,17 @@ def write_capture(path: str, count: int) -> None:
 
 
 def run(command: list[str]) -> dict[str, float]:
-    """Wall seconds, CPU seconds of the command and its children, its own peak RSS (MB)."""
+    """Wall seconds, CPU seconds of the command and its children, peak RSS (MB) of the
+    command's own process and of its children."""
     before = os.times()
     start = time.perf_counter()
     with open(os.devnull, "wb") as sink:
-        pid = _spawn(command, sink)
-        _, status, usage = os.wait4(pid, 0)
+        process = subprocess.Popen(command, stdout=sink, stderr=sink)
+        peaks = {"own": 0, "children": 0}
+        sampler = threading.Thread(target=_sample_peaks, args=(process.pid, command, peaks))
+        sampler.start()
+        status = process.wait()
+        sampler.join()
     seconds = time.perf_counter() - start
     after = os.times()
     if status != 0:
@@ -90,21 +98,43 @@ def run(command: list[str]) -> dict[str, float]:
     cpu = (after.children_user - before.children_user) + (
         after.children_system - before.children_system
     )
-    return {"seconds": seconds, "cpu": cpu, "rss_mb": usage.ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "cpu": cpu,
+        "rss_mb": peaks["own"] / 1024,
+        "children_rss_mb": peaks["children"] / 1024,
+    }
 
 
-def _spawn(command: list[str], sink: BinaryIO) -> int:
-    """fork/exec rather than subprocess: os.wait4 gives this child's own peak RSS."""
-    pid = os.fork()
-    if pid == 0:  # the child: output and diagnostics to /dev/null
-        try:
-            fd = sink.fileno()
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.execvp(command[0], command)
-        finally:
-            os._exit(127)
-    return pid
+def _peak_kb(pid: int | str) -> int:
+    """VmHWM, the process's own peak resident set (kB); 0 once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _sample_peaks(pid: int, command: list[str], peaks: dict[str, int]) -> None:
+    """Until PID exits: its own peak RSS and its children's (ru_maxrss would mix the two)."""
+    children_file = f"/proc/{pid}/task/{pid}/children"
+    started = "\0".join(command).encode()
+    while True:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if not cmdline.read().startswith(started):  # not exec'd yet: still our copy
+                time.sleep(0.001)
+                continue
+        own = _peak_kb(pid)
+        if not own:  # exited (a zombie has no memory left to report)
+            return
+        peaks["own"] = max(peaks["own"], own)
+        with contextlib.suppress(OSError), open(children_file) as children:
+            for child in children.read().split():
+                peaks["children"] = max(peaks["children"], _peak_kb(child))
+        time.sleep(0.02)
 
 
 def main() -> None:
@@ -157,6 +187,7 @@ def main() -> None:
                 "frames_per_second": round(size / seconds),
                 "cpu_us_per_frame": round(cpu / size * 1e6, 1),
                 "peak_rss_mb": round(max(r["rss_mb"] for r in runs), 1),
+                "children_peak_rss_mb": round(max(r["children_rss_mb"] for r in runs), 1),
             }
         )
     by = {(row["command"], row["frames"]): row["seconds"] for row in rows}
@@ -173,11 +204,15 @@ def main() -> None:
         print(json.dumps({"runs": options.runs, "rows": rows, "ratios": ratios}, indent=2))
         return
     print(f"medians of {options.runs} interleaved runs, output to /dev/null")
-    print(f"{'command':38} {'frames':>7} {'s':>8} {'frames/s':>9} {'CPU us/fr':>9} {'RSS MB':>7}")
+    print(
+        f"{'command':38} {'frames':>7} {'s':>8} {'frames/s':>9} {'CPU us/fr':>9} {'RSS MB':>7}"
+        f" {'children':>8}"
+    )
     for row in rows:
         print(
             f"{row['command']:38} {row['frames']:>7} {row['seconds']:>8.3f} "
             f"{row['frames_per_second']:>9} {row['cpu_us_per_frame']:>9} {row['peak_rss_mb']:>7}"
+            f" {row['children_peak_rss_mb'] or '':>8}"
         )
     print(
         f"wireshark --json / tshark -T json: {ratios['wireshark_json_vs_tshark_json']}x "

@@ -30,6 +30,7 @@ from test_cli_decode import damaged_files
 from test_decoders_frames import write_pcap
 from test_decoders_tshark import _as_tshark
 
+from tunnelscope.decoders import wireshark
 from tunnelscope.decoders.wireshark import Dissector, FileDissection, dissect
 from tunnelscope.formats.capture import open_capture
 from tunnelscope.formats.linktype import LinkType
@@ -419,3 +420,25 @@ def test_missing_files_and_directories_are_the_builtin_errors(tmp_path: Path) ->
         )
         assert (done.returncode, done.stdout) == (2, "")
         assert done.stderr == f"tunnelscope: error: {path}: {reason}\n"
+
+
+@tshark.required
+@pytest.mark.parametrize("cache", ["writable", "unwritable"])
+def test_the_field_name_table_is_cached_or_kept_in_memory(
+    cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EK names map back to Wireshark's (ip_ip_flags_df -> ip.flags.df) from an SQLite file in
+    the cache folder, built once; a cache that cannot be written costs only the file."""
+    folder = tmp_path / "cache"
+    if cache == "unwritable":
+        folder.write_text("a file where the folder should be")
+    else:
+        folder.mkdir()
+    monkeypatch.setattr(wireshark, "get_cache_dir", lambda _version: folder)
+    tool = wireshark.find_tshark()
+    assert tool is not None
+    for _ in range(2):  # built, then read back (or built again in memory)
+        plan = wireshark._Names(tool).plan("ip", ("ip_ip_flags_df", "ip_ip_src", "ip_nosuch"))
+        assert plan.names == ("ip.flags.df", "ip.src", "ip_nosuch")
+    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    assert files == ([wireshark._NAMES_FILE] if cache == "writable" else [])
