@@ -8,16 +8,19 @@
  * rotate() writes to the next file. A failed write cuts a regular file back to its last whole
  * record and stops the capture, never the link.
  *
- * A frame of REF_MIN_BYTES or more going to a regular file is not copied into the buffer: its
- * record's header (and pcapng padding and options) is, and the frame is a ref, taken from where
- * it lies by the writev that ends the batch, as the capturing minimal loop does. Smaller
- * frames are copied: one write then carries many batches (flush_ms), cheaper than a writev of
- * small pieces per batch. Ring-buffer files (cuts) and a header still pending keep copying.
+ * A frame of REF_MIN_BYTES or more (longer than any standard Ethernet frame) going to a regular
+ * file in blocking mode is not copied: its record's header (pcapng: and padding, options) is
+ * buffered, the frame is a ref, and the writev that ends the batch takes it from where it lies,
+ * as the capturing minimal loop does. Smaller frames are copied: one write then carries many
+ * batches (flush_ms), cheaper than a writev of small pieces per batch. Ring-buffer files
+ * (cuts, limits) and a header still pending keep copying.
  */
 #include "fastpath.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -26,7 +29,7 @@
 #define SHRINK_NS 1000000000LL        /* a buffer is cut back to what this long of flushes used */
 #define STALL_BYTES (4u << 20)        /* a non-blocking reader this far behind has stalled */
 #define RETRY_NS 10000000LL           /* a blocked (EAGAIN) capture is retried this often */
-#define REF_MIN_BYTES 4096            /* a frame this long is written from its slot, not copied */
+#define REF_MIN_BYTES 2048            /* a frame this long is written from its slot, not copied */
 
 static inline void put16(uint8_t *p, uint16_t v)
 {
@@ -43,6 +46,17 @@ static inline void put32(uint8_t *p, uint32_t v)
 }
 
 static inline size_t pad4(size_t n) { return (4 - (n & 3)) & 3; }
+
+/* Take fd as the capture's file: a regular file is cut back after a failed write, and one in
+ * blocking mode may take frames from their slots (it never meets EAGAIN). */
+void cap_set_fd(CaptureObject *c, int fd)
+{
+    struct stat st;
+    c->fd = fd;
+    c->seekable = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+    int flags = fcntl(fd, F_GETFL);
+    c->file = c->seekable && flags >= 0 && !(flags & O_NONBLOCK);
+}
 
 void cap_release(CaptureObject *c)
 {
@@ -120,31 +134,7 @@ static int cap_iovecs(const CaptureObject *c, size_t head, struct iovec *iov)
     return k;
 }
 
-/* A write stopped short with refs unwritten (EAGAIN): what is left, iov[0..n), is copied into a
- * new buffer, since the slots are reused after this batch. False when out of memory. */
-static bool cap_keep_rest(CaptureObject *c, const struct iovec *iov, int n)
-{
-    size_t rest = 0;
-    for (int i = 0; i < n; i++)
-        rest += iov[i].iov_len;
-    size_t cap = c->cap > rest ? c->cap : rest;
-    uint8_t *buf = malloc(cap ? cap : 1);
-    if (!buf)
-        return false;
-    size_t len = 0;
-    for (int i = 0; i < n; i++) {
-        memcpy(buf + len, iov[i].iov_base, iov[i].iov_len);
-        len += iov[i].iov_len;
-    }
-    free(c->buf);
-    c->buf = buf;
-    c->len = len;
-    c->cap = cap;
-    c->nrefs = c->ref_bytes = 0;
-    return true;
-}
-
-/* Write the current file's unwritten bytes, with one writev while it goes through. A
+/* Write the current file's unwritten bytes with one writev (more only after a short write). A
  * non-blocking reader that is not keeping up (EAGAIN) keeps the rest buffered, up to
  * STALL_BYTES. The caller holds c->lock. */
 void cap_flush(CaptureObject *c)
@@ -160,8 +150,8 @@ void cap_flush(CaptureObject *c)
         ssize_t n = writev(c->fd, iov + first, niov - first);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            c->blocked = true;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !c->nrefs) {
+            c->blocked = true; /* (refs only go to a blocking fd, which never says EAGAIN) */
             break;
         }
         if (n <= 0) {
@@ -186,13 +176,8 @@ void cap_flush(CaptureObject *c)
         c->frames_out = c->ncuts ? c->cut_frames[0] : c->frames;
     c->offset += (off_t)done;
     c->written += done;
-    if (done == total || !c->nrefs) {
-        cap_consume(c, done == total ? head : done);
-        c->nrefs = c->ref_bytes = 0;
-    } else if (!cap_keep_rest(c, iov + first, niov - first)) {
-        cap_fail(c, ENOMEM);
-        return;
-    }
+    cap_consume(c, done == total ? head : done);
+    c->nrefs = c->ref_bytes = 0;
     if (c->blocked) {
         if (c->len > STALL_BYTES) {
             snprintf(c->error, sizeof c->error, "reader stalled");
@@ -307,7 +292,7 @@ int64_t cap_deadline(const CaptureObject *c)
  * until cap_appended ends the batch. */
 static bool cap_may_ref(const CaptureObject *c, uint32_t caplen, bool stays)
 {
-    return stays && caplen >= REF_MIN_BYTES && c->seekable && c->has_header && !c->ncuts &&
+    return stays && caplen >= REF_MIN_BYTES && c->file && c->has_header && !c->ncuts &&
            !c->limit_frames && !c->limit_bytes && c->nrefs < MAX_SLOT_REFS;
 }
 

@@ -194,6 +194,7 @@ typedef struct {
     pthread_mutex_t lock;
     int fd;
     bool pcapng, nanosecond, close_fd, seekable;
+    bool file; /* a regular file in blocking mode: large frames are written from their slots */
     bool closed, has_header;
     uint32_t snaplen;
     int64_t flush_ns; /* -1: flush_ms None (write after every batch) */
@@ -355,6 +356,7 @@ bool heap_push(dir_t *d, frame_t *f);
 void release(LoopObject *L, dir_t *d, int64_t now);
 
 /* capture.c (the caller holds c->lock) */
+void cap_set_fd(CaptureObject *c, int fd);
 void cap_release(CaptureObject *c);
 void cap_flush(CaptureObject *c);
 bool cap_put(CaptureObject *c, const void *data, size_t len);
