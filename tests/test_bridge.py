@@ -350,9 +350,10 @@ def records_without_timestamps(path) -> dict[int, list[bytes]]:
 
 
 @pytest.mark.skipif(len(available_backends()) < 2, reason="needs both backends")
-def test_both_backends_write_the_same_capture_bytes(tmp_path) -> None:
+@pytest.mark.parametrize("size", [100, 3000])  # C: copied into the buffer; written from slots
+def test_both_backends_write_the_same_capture_bytes(tmp_path, size: int) -> None:
     impairments = ("a2b freq_drop 5", "a2b corrupt 10", "a2b duplicate 10", "b2a packet_loss 30")
-    frames = numbered(3000, size=100)
+    frames = numbered(3000, size=size)
     expected = len(reference_output([i for i in impairments if i.startswith("a2b")], frames, 99))
     captures = {}
     for backend in available_backends():
@@ -360,7 +361,7 @@ def test_both_backends_write_the_same_capture_bytes(tmp_path) -> None:
         with lab(backend, *impairments, seed=99) as t:
             t.link.start_capture(str(path), LinkType.ETHERNET, "both")
             assert len(t.transfer(frames, expected)) == expected
-            t.send(t.peer_b, numbered(500, start=5000))
+            t.send(t.peer_b, numbered(500, size=size, start=5000))
             t.receive(t.peer_a, 500, timeout=1)
             t.settle(3000)
             t.link.stop_capture()

@@ -960,32 +960,39 @@ from tunnelscope.formats.capture import CaptureWriter, Format
 from tunnelscope.nio import _fastpath as fp
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+size = int(sys.argv[3])  # a batch of 10 records; the 2nd batch crosses the limit halfway
+resource.setrlimit(resource.RLIMIT_FSIZE, (24 + 15 * (size + 16), resource.RLIM_INFINITY))
 rig = Rig()
 sink = fp.Capture(fd, False, False, 65535, None, True)
 writer = CaptureWriter(sink, Format())
 rig.loop.add_capture(rig.id, sink, writer.add_interface(1, "lnk"), -1)
 writer.announce()
-for _ in range(20):  # batches of 10 records of 1016 bytes: the 2nd batch crosses 20000
-    for f in numbered(10, 1000):
+for _ in range(20):
+    for f in numbered(10, size):
         rig.src.send(f)
     rig.collect(rig.dst, 10, timeout=1, extra=0)
 print(sink.error, rig.stats()["forwarded"])
 """
 
 
-def test_failed_write_truncates_a_file_to_its_last_whole_record(tmp_path):
+@pytest.mark.parametrize("size", [1000, 5000])  # copied into the buffer; written from slots
+def test_failed_write_truncates_a_file_to_its_last_whole_record(tmp_path, size):
     path = str(tmp_path / "limited.pcap")
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
-        [sys.executable, "-c", FSIZE_SCRIPT, path, here], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", FSIZE_SCRIPT, path, here, str(size)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     error, forwarded = out.stdout.split("\n")[0].rsplit(" ", 1)
     assert error == "capture stopped: File too large" and forwarded == "200"
-    assert os.path.getsize(path) == 24 + 10 * 1016  # the half-written batch was cut
+    assert os.path.getsize(path) == 24 + 10 * (size + 16)  # the half-written batch was cut
     packets, _ = read_back(path)
-    assert len(packets) == 10
+    assert [p.data for p in packets] == numbered(10, size)
+    if TSHARK:
+        assert tshark_fields(path, "frame.len") == [[str(size)]] * 10
 
 
 # --- GSO (UDP_SEGMENT), opt-in --------------------------------------------------------------
