@@ -862,6 +862,32 @@ def test_large_frames_are_recorded_as_received_and_as_sent(rig, tmp_path, pcapng
         assert rows == [[str(p.orig_len), str(len(p.data))] for p in packets]
 
 
+def test_a_release_of_more_large_frames_than_one_writev_takes(rig, tmp_path):
+    """300 frames of 2,100 bytes due at once (a delay, the loop paused): one send of 300, more
+    than one write takes from where the frames lie (128); the rest are copied, in order."""
+    path = str(tmp_path / "release.pcapng")
+    writer, tap = attach_capture(rig, path, Format(pcapng=True, flush_ms=None), "post")
+    rig.chain("a2b delay 300")
+    frames = numbered(300, 2100)
+    for start in range(0, 300, 50):
+        for f in frames[start : start + 50]:
+            rig.src.send(f)
+        rig.loop.run(5)
+    for _ in range(100):
+        if rig.stats()["queued"] == 300:
+            break
+        rig.loop.run(5)
+    assert rig.stats()["queued"] == 300 and drain(rig.dst) == []
+    time.sleep(0.35)  # all due while the loop does not run: released together
+    assert rig.collect(rig.dst, 300) == frames
+    rig.loop.remove_capture(rig.id, tap)
+    writer.close()
+    packets, _ = read_back(path)
+    assert [p.data for p in packets] == frames
+    if TSHARK:
+        assert tshark_fields(path, "frame.len") == [["2100"]] * 300
+
+
 @pytest.mark.parametrize("nanosecond", [False, True])
 def test_classic_pcap_capture(rig, tmp_path, nanosecond):
     path = str(tmp_path / "pre.pcap")
