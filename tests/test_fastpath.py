@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tunnelscope.datapath.impairments import chains, parse_impairment, splitmix64, stream_seed
-from tunnelscope.formats import pcapng
+from tunnelscope.formats import pcap, pcapng
 from tunnelscope.formats.capture import CaptureWriter, Format, open_capture
 from tunnelscope.formats.packet import Direction
 
@@ -814,6 +814,80 @@ def test_pcapng_records_are_byte_identical_to_capture_writer(rig, tmp_path):
     assert any(p.comment for p in packets)
 
 
+@pytest.mark.parametrize("pcapng_format, points", [(True, "both"), (False, "pre"), (False, "post")])
+def test_large_frames_are_recorded_as_received_and_as_sent(rig, tmp_path, pcapng_format, points):
+    """Frames of 2048 bytes or more go to a file straight from their slots (one writev per
+    batch): records byte-identical to CaptureWriter.encode, snaplen honoured, and the pre record
+    holds the frame as received although corrupt flips a bit of it in its slot afterwards."""
+    path = str(tmp_path / ("big.pcapng" if pcapng_format else "big.pcap"))
+    fmt = Format(pcapng=pcapng_format, nanosecond=True, snaplen=4001, flush_ms=None)
+    writer, tap = attach_capture(rig, path, fmt, points)
+    rig.chain("a2b corrupt 100", "b2a freq_drop 2")
+    a2b = [os.urandom(n) for n in (2047, 2048, 2049, 4001, 4002, 9000, 65507, 100, 3001)]
+    b2a = [os.urandom(n) for n in (9000, 9001, 2050, 2051)]
+    for f in a2b:
+        rig.src.send(f)
+    sent = rig.collect(rig.dst, len(a2b))
+    for f in b2a:
+        rig.dst.send(f)
+    returned = rig.collect(rig.src, 2)
+    rig.loop.remove_capture(rig.id, tap)
+    writer.close()
+    assert len(sent) == len(a2b) and all(s != f for s, f in zip(sent, a2b))  # one bit each
+    assert returned == b2a[::2]
+    frames = {"pre": a2b + b2a, "post": sent + returned}  # per interface, before snaplen
+    names = ["pre", "post"] if points == "both" else [points]
+    packets, _ = read_back(path)
+    for interface, name in enumerate(names):
+        records = [p for p in packets if p.interface == interface]
+        assert [p.data for p in records] == [f[:4001] for f in frames[name]]
+        assert [p.orig_len for p in records] == [len(f) for f in frames[name]]
+    if points == "both":
+        comments = [p.comment for p in packets if p.interface == 0]
+        assert comments[-4:] == [None, "dropped by freq_drop"] * 2
+    whole = {i: iter(frames[name]) for i, name in enumerate(names)}
+    records = b"".join(
+        writer.encode(p.interface, p.ts_ns, next(whole[p.interface]), p.direction, p.comment)
+        for p in packets
+    )
+    if pcapng_format:
+        header = pcapng.section_header() + b"".join(
+            pcapng.interface_description(1, f"lnk {name}", "", 4001) for name in names
+        )
+    else:
+        header = pcap.global_header(1, 4001, True)
+    assert read_file(path) == header + records
+    if TSHARK:
+        rows = tshark_fields(path, "frame.len", "frame.cap_len")
+        assert rows == [[str(p.orig_len), str(len(p.data))] for p in packets]
+
+
+def test_a_release_of_more_large_frames_than_one_writev_takes(rig, tmp_path):
+    """300 frames of 2,100 bytes due at once (a delay, the loop paused): one send of 300, more
+    than one write takes from where the frames lie (128); the rest are copied, in order."""
+    path = str(tmp_path / "release.pcapng")
+    writer, tap = attach_capture(rig, path, Format(pcapng=True, flush_ms=None), "post")
+    rig.chain("a2b delay 300")
+    frames = numbered(300, 2100)
+    for start in range(0, 300, 50):
+        for f in frames[start : start + 50]:
+            rig.src.send(f)
+        rig.loop.run(5)
+    for _ in range(100):
+        if rig.stats()["queued"] == 300:
+            break
+        rig.loop.run(5)
+    assert rig.stats()["queued"] == 300 and drain(rig.dst) == []
+    time.sleep(0.35)  # all due while the loop does not run: released together
+    assert rig.collect(rig.dst, 300) == frames
+    rig.loop.remove_capture(rig.id, tap)
+    writer.close()
+    packets, _ = read_back(path)
+    assert [p.data for p in packets] == frames
+    if TSHARK:
+        assert tshark_fields(path, "frame.len") == [["2100"]] * 300
+
+
 @pytest.mark.parametrize("nanosecond", [False, True])
 def test_classic_pcap_capture(rig, tmp_path, nanosecond):
     path = str(tmp_path / "pre.pcap")
@@ -912,32 +986,39 @@ from tunnelscope.formats.capture import CaptureWriter, Format
 from tunnelscope.nio import _fastpath as fp
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+size = int(sys.argv[3])  # a batch of 10 records; the 2nd batch crosses the limit halfway
+resource.setrlimit(resource.RLIMIT_FSIZE, (24 + 15 * (size + 16), resource.RLIM_INFINITY))
 rig = Rig()
 sink = fp.Capture(fd, False, False, 65535, None, True)
 writer = CaptureWriter(sink, Format())
 rig.loop.add_capture(rig.id, sink, writer.add_interface(1, "lnk"), -1)
 writer.announce()
-for _ in range(20):  # batches of 10 records of 1016 bytes: the 2nd batch crosses 20000
-    for f in numbered(10, 1000):
+for _ in range(20):
+    for f in numbered(10, size):
         rig.src.send(f)
     rig.collect(rig.dst, 10, timeout=1, extra=0)
 print(sink.error, rig.stats()["forwarded"])
 """
 
 
-def test_failed_write_truncates_a_file_to_its_last_whole_record(tmp_path):
+@pytest.mark.parametrize("size", [1000, 5000])  # copied into the buffer; written from slots
+def test_failed_write_truncates_a_file_to_its_last_whole_record(tmp_path, size):
     path = str(tmp_path / "limited.pcap")
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
-        [sys.executable, "-c", FSIZE_SCRIPT, path, here], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", FSIZE_SCRIPT, path, here, str(size)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     error, forwarded = out.stdout.split("\n")[0].rsplit(" ", 1)
     assert error == "capture stopped: File too large" and forwarded == "200"
-    assert os.path.getsize(path) == 24 + 10 * 1016  # the half-written batch was cut
+    assert os.path.getsize(path) == 24 + 10 * (size + 16)  # the half-written batch was cut
     packets, _ = read_back(path)
-    assert len(packets) == 10
+    assert [p.data for p in packets] == numbered(10, size)
+    if TSHARK:
+        assert tshark_fields(path, "frame.len") == [[str(size)]] * 10
 
 
 # --- GSO (UDP_SEGMENT), opt-in --------------------------------------------------------------

@@ -7,11 +7,21 @@
  * tunnelscope.formats.capture.RecordSink. A ring buffer ends files at cuts in the buffer, which
  * rotate() writes to the next file. A failed write cuts a regular file back to its last whole
  * record and stops the capture, never the link.
+ *
+ * A frame of REF_MIN_BYTES or more (longer than any standard Ethernet frame) going to a regular
+ * file in blocking mode is not copied: its record's header (pcapng: and padding, options) is
+ * buffered, the frame is a ref, and the writev that ends the batch takes it from where it lies,
+ * as the capturing minimal loop does. Smaller frames are copied: one write then carries many
+ * batches (flush_ms), cheaper than a writev of small pieces per batch. Ring-buffer files
+ * (cuts, limits) and a header still pending keep copying.
  */
 #include "fastpath.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define FLUSH_BYTES (1u << 20)        /* a capture buffer this large is written at once */
@@ -19,6 +29,7 @@
 #define SHRINK_NS 1000000000LL        /* a buffer is cut back to what this long of flushes used */
 #define STALL_BYTES (4u << 20)        /* a non-blocking reader this far behind has stalled */
 #define RETRY_NS 10000000LL           /* a blocked (EAGAIN) capture is retried this often */
+#define REF_MIN_BYTES 2048            /* a frame this long is written from its slot, not copied */
 
 static inline void put16(uint8_t *p, uint16_t v)
 {
@@ -36,12 +47,24 @@ static inline void put32(uint8_t *p, uint32_t v)
 
 static inline size_t pad4(size_t n) { return (4 - (n & 3)) & 3; }
 
+/* Take fd as the capture's file: a regular file is cut back after a failed write, and one in
+ * blocking mode may take frames from their slots (it never meets EAGAIN). */
+void cap_set_fd(CaptureObject *c, int fd)
+{
+    struct stat st;
+    c->fd = fd;
+    c->seekable = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+    int flags = fcntl(fd, F_GETFL);
+    c->file = c->seekable && flags >= 0 && !(flags & O_NONBLOCK);
+}
+
 void cap_release(CaptureObject *c)
 {
     c->closed = true;
     free(c->buf);
     c->buf = NULL;
     c->len = c->cap = 0;
+    c->nrefs = c->ref_bytes = 0;
     c->oldest = -1;
     if (c->close_fd && c->fd >= 0) {
         close(c->fd);
@@ -93,21 +116,42 @@ static void cap_trim(CaptureObject *c, size_t flushed, int64_t now)
     c->peak_since = now;
 }
 
-/* Write the current file's buffered bytes. A non-blocking reader that is not keeping up
- * (EAGAIN) keeps the rest buffered, up to STALL_BYTES. The caller holds c->lock. */
+/* The current file's unwritten bytes in order: buf up to `head`, the refs inserted where they
+ * belong. Returns the number of iovecs (at most 2 * MAX_SLOT_REFS + 1, below IOV_MAX). */
+static int cap_iovecs(const CaptureObject *c, size_t head, struct iovec *iov)
+{
+    int k = 0;
+    size_t pos = 0;
+    for (size_t i = 0; i < c->nrefs; i++) {
+        const slot_ref_t *r = &c->refs[i];
+        if (r->at > pos)
+            iov[k++] = (struct iovec){c->buf + pos, r->at - pos};
+        iov[k++] = (struct iovec){(void *)r->data, r->len};
+        pos = r->at;
+    }
+    if (head > pos)
+        iov[k++] = (struct iovec){c->buf + pos, head - pos};
+    return k;
+}
+
+/* Write the current file's unwritten bytes with one writev (more only after a short write). A
+ * non-blocking reader that is not keeping up (EAGAIN) keeps the rest buffered, up to
+ * STALL_BYTES. The caller holds c->lock. */
 void cap_flush(CaptureObject *c)
 {
     size_t head = cap_head(c);
     if (c->closed || !c->has_header || head == 0)
         return;
-    size_t done = 0;
+    struct iovec iov[2 * MAX_SLOT_REFS + 1];
+    int niov = cap_iovecs(c, head, iov), first = 0;
+    size_t total = head + c->ref_bytes, done = 0;
     c->blocked = false;
-    while (done < head) {
-        ssize_t n = write(c->fd, c->buf + done, head - done);
+    while (done < total) {
+        ssize_t n = writev(c->fd, iov + first, niov - first);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            c->blocked = true;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !c->nrefs) {
+            c->blocked = true; /* (refs only go to a blocking fd, which never says EAGAIN) */
             break;
         }
         if (n <= 0) {
@@ -119,12 +163,21 @@ void cap_flush(CaptureObject *c)
             return;
         }
         done += (size_t)n;
+        for (size_t left = (size_t)n; left;) { /* skip what went out */
+            size_t step = left < iov[first].iov_len ? left : iov[first].iov_len;
+            iov[first].iov_base = (uint8_t *)iov[first].iov_base + step;
+            iov[first].iov_len -= step;
+            left -= step;
+            if (!iov[first].iov_len)
+                first++;
+        }
     }
-    if (done == head)
+    if (done == total)
         c->frames_out = c->ncuts ? c->cut_frames[0] : c->frames;
     c->offset += (off_t)done;
     c->written += done;
-    cap_consume(c, done);
+    cap_consume(c, done == total ? head : done);
+    c->nrefs = c->ref_bytes = 0;
     if (c->blocked) {
         if (c->len > STALL_BYTES) {
             snprintf(c->error, sizeof c->error, "reader stalled");
@@ -138,7 +191,7 @@ void cap_flush(CaptureObject *c)
     }
     int64_t now = mono_ns();
     c->oldest = c->len ? now : -1;
-    cap_trim(c, done, now);
+    cap_trim(c, head, now);
 }
 
 static bool cap_reserve(CaptureObject *c, size_t extra)
@@ -190,8 +243,8 @@ void cap_appended(CaptureObject *c, uint64_t count, int64_t now)
     c->frames += count;
     if (c->oldest < 0)
         c->oldest = now;
-    if ((c->flush_ns < 0 && !c->blocked) || cap_head(c) >= FLUSH_BYTES)
-        cap_flush(c);
+    if ((c->flush_ns < 0 && !c->blocked) || c->nrefs || cap_head(c) >= FLUSH_BYTES)
+        cap_flush(c); /* refs: the slots are reused after this batch */
 }
 
 /* Bytes the open segment's file will hold (its header included). */
@@ -235,18 +288,42 @@ int64_t cap_deadline(const CaptureObject *c)
     return c->oldest + (c->blocked && delay < RETRY_NS ? RETRY_NS : delay);
 }
 
+/* May this frame be written from where it lies? `stays`: the caller keeps its bytes unchanged
+ * until cap_appended ends the batch. */
+static bool cap_may_ref(const CaptureObject *c, uint32_t caplen, bool stays)
+{
+    return stays && caplen >= REF_MIN_BYTES && c->file && c->has_header && !c->ncuts &&
+           !c->limit_frames && !c->limit_bytes && c->nrefs < MAX_SLOT_REFS;
+}
+
+/* The record's frame bytes at buf offset `at`: copied, or a ref to where they lie. Returns the
+ * bytes put in buf. */
+static size_t cap_frame(CaptureObject *c, size_t at, const uint8_t *data, uint32_t caplen,
+                        bool ref)
+{
+    c->record_ref = ref ? caplen : 0;
+    if (!ref) {
+        memcpy(c->buf + at, data, caplen);
+        return caplen;
+    }
+    c->refs[c->nrefs++] = (slot_ref_t){at, data, caplen};
+    c->ref_bytes += caplen;
+    return 0;
+}
+
 /* Start a record (pcap: the whole record; pcapng: the EPB up to its options). Returns its
- * offset in the buffer, or SIZE_MAX when the capture stopped. */
+ * offset in the buffer, or SIZE_MAX when the capture stopped. `stays`: see cap_may_ref. */
 size_t cap_begin(CaptureObject *c, uint32_t iface, int64_t ts, const uint8_t *data,
-                        uint32_t len)
+                 uint32_t len, bool stays)
 {
     uint32_t caplen = len < c->snaplen ? len : c->snaplen;
     if (!cap_admit(c))
         return SIZE_MAX;
-    size_t off = c->len;
+    bool ref = cap_may_ref(c, caplen, stays);
+    size_t off = c->len, copied = ref ? 0 : caplen;
     if (c->pcapng) {
-        size_t body = caplen + pad4(caplen);
-        if (!cap_reserve(c, 28 + body))
+        size_t pad = pad4(caplen);
+        if (!cap_reserve(c, 28 + copied + pad))
             return SIZE_MAX;
         uint8_t *p = c->buf + off;
         put32(p, 6);
@@ -256,11 +333,11 @@ size_t cap_begin(CaptureObject *c, uint32_t iface, int64_t ts, const uint8_t *da
         put32(p + 16, (uint32_t)ts);
         put32(p + 20, caplen);
         put32(p + 24, len);
-        memcpy(p + 28, data, caplen);
-        memset(p + 28 + caplen, 0, body - caplen);
-        c->len += 28 + body;
+        copied = cap_frame(c, off + 28, data, caplen, ref);
+        memset(p + 28 + copied, 0, pad);
+        c->len += 28 + copied + pad;
     } else {
-        if (!cap_reserve(c, 16 + (size_t)caplen))
+        if (!cap_reserve(c, 16 + copied))
             return SIZE_MAX;
         uint8_t *p = c->buf + off;
         uint64_t sec = (uint64_t)ts / 1000000000u, frac = (uint64_t)ts % 1000000000u;
@@ -268,8 +345,7 @@ size_t cap_begin(CaptureObject *c, uint32_t iface, int64_t ts, const uint8_t *da
         put32(p + 4, (uint32_t)(c->nanosecond ? frac : frac / 1000));
         put32(p + 8, caplen);
         put32(p + 12, len);
-        memcpy(p + 16, data, caplen);
-        c->len += 16 + (size_t)caplen;
+        c->len += 16 + cap_frame(c, off + 16, data, caplen, ref);
     }
     return off;
 }
@@ -320,7 +396,8 @@ void cap_end(CaptureObject *c, size_t off, uint32_t flags, const dir_t *d,
         p += 4;
     }
     size_t total = (size_t)(p - (c->buf + off)) + 4;
+    c->len = off + total;
+    total += c->record_ref; /* the frame's bytes written from their slot count too */
     put32(p, (uint32_t)total);
     put32(c->buf + off + 4, (uint32_t)total);
-    c->len = off + total;
 }

@@ -9,7 +9,6 @@
  */
 #include "fastpath.h"
 
-#include <sys/stat.h>
 #include <unistd.h>
 
 static PyObject *Capture_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -47,7 +46,7 @@ static PyObject *Capture_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_TYPE(c)->tp_free((PyObject *)c);
         return PyErr_NoMemory();
     }
-    c->fd = fd;
+    cap_set_fd(c, fd);
     c->pcapng = pcapng;
     c->nanosecond = nanosecond;
     c->close_fd = close_fd;
@@ -56,8 +55,6 @@ static PyObject *Capture_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_INCREF(flush_ms);
     c->flush_ms = flush_ms;
     c->oldest = -1;
-    struct stat st;
-    c->seekable = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
     if (c->seekable) { /* where this capture's first byte goes (0 after O_TRUNC) */
         off_t pos = lseek(fd, 0, SEEK_CUR);
         c->offset = pos < 0 ? 0 : pos;
@@ -215,9 +212,7 @@ static PyObject *Capture_rotate(CaptureObject *c, PyObject *args)
         if (!c->closed && !c->blocked) { /* the old file is complete: on to the next */
             if (c->close_fd)
                 close(c->fd);
-            c->fd = fd;
-            struct stat st;
-            c->seekable = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+            cap_set_fd(c, fd);
             c->offset = 0;
             c->written = 0;
             memmove(c->cuts, c->cuts + 1, (c->ncuts - 1) * sizeof *c->cuts);

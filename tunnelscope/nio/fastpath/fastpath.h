@@ -62,6 +62,7 @@
 #define MAX_EVENTS 64
 #define WAKE_ID UINT64_MAX            /* epoll tag of the wake eventfd */
 #define GSO_SEGMENTS 64               /* UDP_SEGMENT: frames per send (UDP_MAX_SEGMENTS) */
+#define MAX_SLOT_REFS (2 * BATCH)     /* captured frames one write takes from their slots */
 
 enum { KIND_DGRAM = 0, KIND_FD = 1 };
 
@@ -161,6 +162,7 @@ typedef struct direction {
     int nstages;
     cause_t *causes; /* drop counters by cause name, in order of first use */
     int ncauses;
+    bool rewrites; /* the chain may flip bits of a frame in its slot (corrupt) */
     uint64_t received, forwarded, send_errors, corrupted, duplicated, delayed, reordered;
     frame_t **heap; /* output queue: binary heap on (ready, seq) */
     size_t nheap, capheap;
@@ -174,14 +176,25 @@ typedef struct direction {
 
 static inline size_t queued(const dir_t *d) { return d->nheap + d->nparked; }
 
+/* A captured frame written straight from where it lies (a receive slot, a queued frame's
+ * copy), not copied into the capture's buffer: the next write inserts it at buf offset `at`. */
+typedef struct {
+    size_t at;
+    const uint8_t *data;
+    size_t len;
+} slot_ref_t;
+
 /* The Python type Capture (capture.c, capture_type.c), the C twin of
  * tunnelscope.formats.capture.RecordSink: records buffered, written with one write() per batch
- * or timer; a failed write cuts a regular file back to its last whole record and stops. */
+ * or timer; a failed write cuts a regular file back to its last whole record and stops.
+ * Large frames going to a regular file are not copied: their records' headers are buffered
+ * and one writev per batch takes the frames from their slots (refs), before the batch ends. */
 typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock;
     int fd;
     bool pcapng, nanosecond, close_fd, seekable;
+    bool file; /* a regular file in blocking mode: large frames are written from their slots */
     bool closed, has_header;
     uint32_t snaplen;
     int64_t flush_ns; /* -1: flush_ms None (write after every batch) */
@@ -206,6 +219,10 @@ typedef struct {
     uint64_t cut_frames[MAX_CUTS]; /* `frames` when each of those files ended */
     size_t ncuts;
     uint64_t frames_out; /* frames whose records are all written: what a write error leaves */
+    slot_ref_t refs[MAX_SLOT_REFS]; /* frames the next write takes from their slots */
+    size_t nrefs;
+    size_t ref_bytes;  /* their bytes */
+    size_t record_ref; /* bytes of the record being encoded that stay in their slot */
 } CaptureObject;
 
 /* A link end. Its counters are the endpoint's own, as in tunnelscope.nio.spec.Endpoint:
@@ -331,6 +348,7 @@ bool parse_stage(PyObject *item, stage_t *s, char **name, int64_t *shared);
 void stages_free(stage_t *stages, int n);
 int cause_index(dir_t *d, const char *name);
 void run_chain(LoopObject *L, dir_t *d, frame_t *f, int start);
+bool chain_rewrites(const stage_t *stages, int n);
 void drop_no_memory(LoopObject *L, dir_t *d, frame_t *f);
 
 /* queue.c */
@@ -338,6 +356,7 @@ bool heap_push(dir_t *d, frame_t *f);
 void release(LoopObject *L, dir_t *d, int64_t now);
 
 /* capture.c (the caller holds c->lock) */
+void cap_set_fd(CaptureObject *c, int fd);
 void cap_release(CaptureObject *c);
 void cap_flush(CaptureObject *c);
 bool cap_put(CaptureObject *c, const void *data, size_t len);
@@ -346,7 +365,7 @@ void cap_appended(CaptureObject *c, uint64_t count, int64_t now);
 void cap_cut(CaptureObject *c);
 int64_t cap_deadline(const CaptureObject *c);
 size_t cap_begin(CaptureObject *c, uint32_t iface, int64_t ts, const uint8_t *data,
-                 uint32_t len);
+                 uint32_t len, bool stays);
 void cap_end(CaptureObject *c, size_t off, uint32_t flags, const dir_t *d, const int *causes,
              size_t ncauses);
 

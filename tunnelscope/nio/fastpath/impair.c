@@ -239,6 +239,15 @@ static void note_cause(LoopObject *L, int cause)
     L->causes[L->ncauses++] = cause;
 }
 
+/* Does the chain change frames' bytes where they lie (corrupt flips a bit in the slot)? */
+bool chain_rewrites(const stage_t *stages, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (stages[i].kind == S_CORRUPT)
+            return true;
+    return false;
+}
+
 /* Take every decision for one frame now (pipeline.Pipeline.run_chain): survivors are pushed
  * to L->survivors, drop causes noted in L->causes, depth first (a duplicate's copy runs the
  * rest of the chain after the original). */

@@ -67,7 +67,8 @@ static void send_out(LoopObject *L, bridge_t *b, dir_t *d, int64_t now, bool poo
             for (size_t i = 0; i < n && !c->closed; i++) {
                 if (!tap_match(tap, out[i]->data, out[i]->len))
                     continue;
-                size_t off = cap_begin(c, (uint32_t)tap->post, ts, out[i]->data, out[i]->len);
+                size_t off =
+                    cap_begin(c, (uint32_t)tap->post, ts, out[i]->data, out[i]->len, true);
                 cap_end(c, off, capture_flag(d), d, NULL, 0);
             }
             cap_appended(c, 0, now);
@@ -129,12 +130,14 @@ static void link_receive(LoopObject *L, bridge_t *b, dir_t *d, size_t n, int64_t
         }
     }
     int64_t ts = capturing ? real_ns() : 0;
+    bool stays = !d->rewrites; /* the slots hold the frames as received until the batch ends */
     for (size_t i = 0; i < n; i++) {
         rxframe_t *rx = &L->rx[i];
         for (size_t t = 0; t < b->ntaps; t++) {
             tap_t *tap = &b->taps[t];
             tap->off = tap->live && tap_match(tap, rx->data, rx->len)
-                           ? cap_begin(tap->capture, (uint32_t)tap->pre, ts, rx->data, rx->len)
+                           ? cap_begin(tap->capture, (uint32_t)tap->pre, ts, rx->data, rx->len,
+                                       stays)
                            : SIZE_MAX;
         }
         L->survivors.n = 0;

@@ -335,6 +335,7 @@ static PyObject *Loop_set_chain(LoopObject *L, PyObject *args)
             int nold = d->nstages;
             d->stages = ch.stages;
             d->nstages = ch.n;
+            d->rewrites = chain_rewrites(ch.stages, ch.n);
             swapped = old;
             nswapped = nold;
         }
