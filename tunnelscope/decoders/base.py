@@ -50,7 +50,8 @@ class Builder:
     def layer(self, protocol: str, text: str = "") -> None:
         """Enter a protocol (as tshark names it) and add its words to the summary."""
         self.protocols.append(protocol)
-        self.text(text)
+        if text:
+            self._parts.append(text)
 
     def text(self, text: str) -> None:
         if text:
