@@ -148,21 +148,13 @@ def _numbered(
     reader: Reader, count: int | None, stopped: list[str]
 ) -> Iterator[tuple[int, Packet]]:
     """(number, packet) until the end or `count`; why reading stopped early goes to `stopped`."""
-    frames = iter(reader)
-    for number in itertools.count(1):
-        if number - 1 == count:
-            return
-        try:
-            packet = next(frames, None)
-        except CaptureFormatError as exc:
-            stopped.append(str(exc))
-            return
-        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
-            stopped.append(exc.strerror or str(exc))
-            return
-        if packet is None:
-            return
-        yield number, packet
+    numbers = itertools.count(1) if count is None else range(1, count + 1)
+    try:
+        yield from zip(numbers, reader)  # the numbers first: no frame read past `count`
+    except CaptureFormatError as exc:
+        stopped.append(str(exc))
+    except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
+        stopped.append(exc.strerror or str(exc))
 
 
 def _print_fed(
