@@ -135,12 +135,11 @@ def _print_frames(
 ) -> str | None:
     """Print frames until the end or `count`; return why reading stopped early, if it did."""
     stopped: list[str] = []
-    printer = _Printer(reader, as_json, live)
-    for number, packet in _numbered(reader, count, stopped):
-        linktype = int(forced or packet.linktype)
-        if not printer.frame(number, packet, linktype, decode_frame(linktype, packet.data)):
-            return None
-    printer.flush()
+    with _Printer(reader, as_json, live) as printer:
+        for number, packet in _numbered(reader, count, stopped):
+            linktype = int(forced or packet.linktype)
+            if not printer.frame(number, packet, linktype, decode_frame(linktype, packet.data)):
+                return None
     return stopped[0] if stopped else None
 
 
@@ -165,19 +164,18 @@ def _print_fed(
     assert forced is not None
     answers: queue.SimpleQueue[tuple[object, Decoded]] = queue.SimpleQueue()
     stopped: list[str] = []
-    printer = _Printer(reader, as_json, live)
-    with Dissector(int(forced), lambda tag, decoded: answers.put((tag, decoded)), live=live) as (
-        dissector
-    ):
-        for number, packet in _numbered(reader, count, stopped):
-            dissector.submit(packet.data, (number, packet), packet.ts_ns, block=True)
-            if not _print_answers(answers, printer, int(forced)):
-                return None
-    if not _print_answers(answers, printer, int(forced)):  # close() waited
-        return None
+    with _Printer(reader, as_json, live) as printer:
+        with Dissector(
+            int(forced), lambda tag, decoded: answers.put((tag, decoded)), live=live
+        ) as dissector:
+            for number, packet in _numbered(reader, count, stopped):
+                dissector.submit(packet.data, (number, packet), packet.ts_ns, block=True)
+                if not _print_answers(answers, printer, int(forced)):
+                    return None
+        if not _print_answers(answers, printer, int(forced)):  # close() waited
+            return None
     if dissector.failure:
         raise DissectError(dissector.failure)
-    printer.flush()
     return stopped[0] if stopped else None
 
 
@@ -211,7 +209,7 @@ def _print_dissected(
         else:
             reader = read_capture(dissection.input)
         frames = _numbered(reader, None, stopped)
-        printer = _Printer(reader, as_json, live)
+        printer = stack.enter_context(_Printer(reader, as_json, live))
         for number, decoded in dissection:
             if printed == count:
                 return None
@@ -237,7 +235,8 @@ class _Printer:
 
     Lines go out in batches of `_BATCH` (one write each), or each at once, flushed, when the
     capture is live. What repeats from frame to frame is made once: the clock of each second
-    and the label of each interface and link type.
+    and the label of each interface and link type. Leaving its `with` block writes what is
+    left, whatever ends the printing (the end, a count, tshark failing, Ctrl-C).
     """
 
     def __init__(self, reader: Reader, as_json: bool, live: bool) -> None:
@@ -248,6 +247,12 @@ class _Printer:
         self._second: int | None = None
         self._clock = ""
         self._labels: dict[tuple[str, int], str] = {}
+
+    def __enter__(self) -> _Printer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
 
     def frame(self, number: int, packet: Packet, linktype: int, decoded: Decoded) -> bool:
         """Print one frame; False when the reader went away (`| head`): stop quietly."""

@@ -296,10 +296,9 @@ def _application(
     data: bytes,
 ) -> None:
     """The protocol a well-known port names, the lower port first (as tshark tries them)."""
-    for port in sorted((sport, dport)):
-        if port in decoders:
-            decoders[port](b, data)
-            return
+    decoder = decoders.get(min(sport, dport)) or decoders.get(max(sport, dport))
+    if decoder is not None:
+        decoder(b, data)
 
 
 def _icmp(b: Builder, data: bytes, protocol: str) -> None:

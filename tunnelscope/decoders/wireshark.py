@@ -51,14 +51,6 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import TYPE_CHECKING, BinaryIO
 
-from pyshark.cache import get_cache_dir
-from pyshark.tshark.tshark import (
-    TSharkNotFoundException,
-    get_process_path,
-    get_tshark_display_filter_flag,
-    get_tshark_version,
-)
-
 from tunnelscope.decoders.base import Decoded, top_protocol
 from tunnelscope.formats.pcap import global_header, record
 
@@ -91,7 +83,16 @@ class Tshark:
 
 @lru_cache(maxsize=1)
 def find_tshark() -> Tshark | None:
-    """The tshark on PATH (as pyshark finds it) and its version; None when there is none."""
+    """The tshark on PATH (as pyshark finds it) and its version; None when there is none.
+
+    pyshark is imported here, not with this module: it takes 45 ms (asyncio, lxml) of the
+    start of every command, whether it uses tshark or not (`decode --dissect builtin`)."""
+    from pyshark.tshark.tshark import (
+        TSharkNotFoundException,
+        get_process_path,
+        get_tshark_version,
+    )
+
     try:
         path = get_process_path()
         return Tshark(path, get_tshark_version(path))
@@ -174,6 +175,8 @@ class _Names:
         self.names: dict[str, str]
         self.kinds: dict[str, str]
         self.plans: dict[tuple[str, ...], _Plan] = {}
+        from pyshark.cache import get_cache_dir  # see find_tshark
+
         path = None
         with contextlib.suppress(OSError, ValueError, KeyError):
             path = get_cache_dir(str(tshark.version)) / _NAMES_FILE
@@ -333,6 +336,8 @@ class _Process:
         # -l (flush after each frame) costs tshark half as much again: only for live input
         arguments = [tshark.path, *(["-l"] if live else []), "-n", "-T", "ek", "-P", "-V", *source]
         if display_filter:
+            from pyshark.tshark.tshark import get_tshark_display_filter_flag  # see find_tshark
+
             arguments += [get_tshark_display_filter_flag(tshark.version), display_filter]
         self.popen = subprocess.Popen(
             arguments, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
