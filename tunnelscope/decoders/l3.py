@@ -115,6 +115,14 @@ _ROUTING_IP_PROTOCOLS = {88: eigrp.decode, 89: ospf.decode}
 _UDP_PORTS = {rip.PORT: rip.decode, ldp.PORT: ldp.decode}
 _TCP_PORTS = {bgp.PORT: bgp.decode, ldp.PORT: ldp.decode}
 _TCP_FLAGS = "FSRPAUEC"  # bit 0 upwards, as tcpdump letters them ("A" printed as ".")
+_TCP_LETTERS = [  # the letters of each value of the 9 flag bits, made once (NS has none)
+    "".join(
+        ("." if letter == "A" else letter)
+        for bit, letter in enumerate(_TCP_FLAGS)
+        if flags & 1 << bit
+    )
+    for flags in range(0x200)
+]
 _CDP_STRINGS = {1: ("cdp.deviceid", "device"), 3: ("cdp.portid", "port"), 6: ("cdp.platform", None)}
 CISCO_OUI = 0x00000C
 CISCO_PID_CDP = 0x2000
@@ -267,11 +275,6 @@ def _tcp(b: Builder, data: bytes) -> None:
         b.bad("truncated TCP header")
         return
     flags = offset_flags & 0x1FF
-    letters = "".join(
-        ("." if letter == "A" else letter)
-        for bit, letter in enumerate(_TCP_FLAGS)
-        if flags & (1 << bit)
-    )
     payload = data[header:]
     b.fields.update(
         {
@@ -283,7 +286,7 @@ def _tcp(b: Builder, data: bytes) -> None:
             "tcp.len": len(payload),
         }
     )
-    b.text(f"TCP {sport} > {dport} [{letters}] seq {seq} len {len(payload)}")
+    b.text(f"TCP {sport} > {dport} [{_TCP_LETTERS[flags]}] seq {seq} len {len(payload)}")
     if payload:
         _application(b, _TCP_PORTS, sport, dport, payload)
 
