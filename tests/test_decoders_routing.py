@@ -46,7 +46,7 @@ from scapy.contrib.ospf import (
 )
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
-from scapy.layers.rip import RIP, RIPEntry
+from scapy.layers.rip import RIP, RIPAuth, RIPEntry
 from test_decoders_frames import write_pcap
 from test_decoders_tshark import _TSHARK_PSEUDO_PROTOCOLS, _as_tshark
 
@@ -81,7 +81,8 @@ def more_messages() -> list[bytes]:
     """C-HDLC frames with the messages the reference captures lack: IS-IS CSNP and PSNP and a
     Hello without TLVs, OSPF
     DB Description, LS Request and LS Acknowledge, an EIGRP Hello ACK and a Query, BGP
-    NOTIFICATION and ROUTE-REFRESH, a RIPv1 whole-table request, two LDP PDUs in a segment."""
+    NOTIFICATION and ROUTE-REFRESH, a RIPv1 whole-table request, a RIPv2 Response with an
+    authentication entry, two LDP PDUs in a segment."""
     lsp = ISIS_LspEntry(lifetime=1199, lspid="0000.0000.0001.00-00", seqnum=3, checksum=0x6C85)
     entries = ISIS_LspEntryTlv(entries=[lsp])
     csnp = ISIS_L2_CSNP(
@@ -106,6 +107,8 @@ def more_messages() -> list[bytes]:
     ldp = to_r1 / TCP(sport=646, dport=40001, flags="PA", seq=1)
     two_pdus = bytes(LDP(id="2.2.2.2") / LDPKeepAlive())
     two_pdus += bytes(LDP(id="2.2.2.2") / LDPAddress(address=["10.0.0.2"]))
+    rip = RIP(cmd=2, version=2) / RIPAuth(authtype=2, password="cisco")
+    rip /= RIPEntry(addr="10.2.0.0", mask="255.255.0.0", metric=2)
     packets = [
         (0xFEFE, ISIS_CommonHdr() / csnp),
         (0xFEFE, ISIS_CommonHdr() / psnp),
@@ -120,6 +123,7 @@ def more_messages() -> list[bytes]:
             0x0800,
             unicast / UDP(sport=520, dport=520) / RIP(cmd=1, version=1) / RIPEntry(AF=0, metric=16),
         ),
+        (0x0800, unicast / UDP(sport=520, dport=520) / rip),
         (0x0800, ldp / two_pdus),
     ]
     return [struct.pack("!BBH", 0x8F, 0, protocol) + bytes(packet) for protocol, packet in packets]

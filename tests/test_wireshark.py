@@ -434,7 +434,7 @@ def test_the_field_name_table_is_cached_or_kept_in_memory(
         folder.write_text("a file where the folder should be")
     else:
         folder.mkdir()
-    monkeypatch.setattr(wireshark, "get_cache_dir", lambda _version: folder)
+    monkeypatch.setattr("pyshark.cache.get_cache_dir", lambda _version: folder)
     tool = wireshark.find_tshark()
     assert tool is not None
     for _ in range(2):  # built, then read back (or built again in memory)

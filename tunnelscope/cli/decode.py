@@ -9,6 +9,7 @@ installed (`tunnelscope.decoders.wireshark`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -17,7 +18,6 @@ import stat
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import click
 
@@ -35,8 +35,9 @@ from tunnelscope.formats.linktype import LinkType
 from tunnelscope.formats.packet import CaptureFormatError, Direction, Packet
 
 _WORDS = {Direction.OUTBOUND: "out", Direction.INBOUND: "in"}
-_ARROWS = {"out": ">", "in": "<"}
+_ARROWS = {Direction.OUTBOUND: ">", Direction.INBOUND: "<"}
 _P2P_DIR = {0: Direction.OUTBOUND, 1: Direction.INBOUND}  # tshark's frame.p2p_dir values
+_BATCH = 256  # lines a write
 
 
 @click.command()
@@ -134,12 +135,11 @@ def _print_frames(
 ) -> str | None:
     """Print frames until the end or `count`; return why reading stopped early, if it did."""
     stopped: list[str] = []
-    for number, packet in _numbered(reader, count, stopped):
-        linktype = int(forced or packet.linktype)
-        frame = _frame(reader, packet, number, linktype, decode_frame(linktype, packet.data))
-        if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
-            return None
-    _write("", flush=True)
+    with _Printer(reader, as_json, live) as printer:
+        for number, packet in _numbered(reader, count, stopped):
+            linktype = int(forced or packet.linktype)
+            if not printer.frame(number, packet, linktype, decode_frame(linktype, packet.data)):
+                return None
     return stopped[0] if stopped else None
 
 
@@ -147,21 +147,13 @@ def _numbered(
     reader: Reader, count: int | None, stopped: list[str]
 ) -> Iterator[tuple[int, Packet]]:
     """(number, packet) until the end or `count`; why reading stopped early goes to `stopped`."""
-    frames = iter(reader)
-    for number in itertools.count(1):
-        if number - 1 == count:
-            return
-        try:
-            packet = next(frames, None)
-        except CaptureFormatError as exc:
-            stopped.append(str(exc))
-            return
-        except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
-            stopped.append(exc.strerror or str(exc))
-            return
-        if packet is None:
-            return
-        yield number, packet
+    numbers = itertools.count(1) if count is None else range(1, count + 1)
+    try:
+        yield from zip(numbers, reader)  # the numbers first: no frame read past `count`
+    except CaptureFormatError as exc:
+        stopped.append(str(exc))
+    except OSError as exc:  # e.g. EIO on a damaged disk, after some frames
+        stopped.append(exc.strerror or str(exc))
 
 
 def _print_fed(
@@ -172,33 +164,28 @@ def _print_fed(
     assert forced is not None
     answers: queue.SimpleQueue[tuple[object, Decoded]] = queue.SimpleQueue()
     stopped: list[str] = []
-    with Dissector(int(forced), lambda tag, decoded: answers.put((tag, decoded)), live=live) as (
-        dissector
-    ):
-        for number, packet in _numbered(reader, count, stopped):
-            dissector.submit(packet.data, (number, packet), packet.ts_ns, block=True)
-            if not _print_answers(answers, reader, int(forced), as_json, live):
-                return None
-    if not _print_answers(answers, reader, int(forced), as_json, live):  # close() waited
-        return None
+    with _Printer(reader, as_json, live) as printer:
+        with Dissector(
+            int(forced), lambda tag, decoded: answers.put((tag, decoded)), live=live
+        ) as dissector:
+            for number, packet in _numbered(reader, count, stopped):
+                dissector.submit(packet.data, (number, packet), packet.ts_ns, block=True)
+                if not _print_answers(answers, printer, int(forced)):
+                    return None
+        if not _print_answers(answers, printer, int(forced)):  # close() waited
+            return None
     if dissector.failure:
         raise DissectError(dissector.failure)
-    _write("", flush=True)
     return stopped[0] if stopped else None
 
 
 def _print_answers(
-    answers: queue.SimpleQueue[tuple[object, Decoded]],
-    reader: Reader,
-    linktype: int,
-    as_json: bool,
-    live: bool,
+    answers: queue.SimpleQueue[tuple[object, Decoded]], printer: _Printer, linktype: int
 ) -> bool:
     """Print the frames tshark has answered so far; False when the reader went away."""
     while not answers.empty():
         (number, packet), decoded = answers.get()  # type: ignore[misc]
-        frame = _frame(reader, packet, number, linktype, decoded)
-        if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+        if not printer.frame(number, packet, linktype, decoded):
             return False
     return True
 
@@ -222,6 +209,7 @@ def _print_dissected(
         else:
             reader = read_capture(dissection.input)
         frames = _numbered(reader, None, stopped)
+        printer = stack.enter_context(_Printer(reader, as_json, live))
         for number, decoded in dissection:
             if printed == count:
                 return None
@@ -229,10 +217,9 @@ def _print_dissected(
             if packet is None:
                 break
             printed += 1
-            frame = _frame(reader, packet, number, int(packet.linktype), decoded)
-            if not _write(json.dumps(frame) if as_json else _line(frame, packet, reader), live):
+            if not printer.frame(number, packet, int(packet.linktype), decoded):
                 return None
-        _write("", flush=True)
+        printer.flush()
         for _ in frames:  # a damaged record after tshark's last frame: said, as builtin says it
             pass
         if stopped:
@@ -243,40 +230,97 @@ def _print_dissected(
     return None
 
 
-def _write(line: str, flush: bool) -> bool:
-    """Print a line (if any); False when the reader went away (`| head`): stop quietly.
+class _Printer:
+    """Prints each frame as its text line or JSON object.
 
-    Any other output error (disk full) is fatal; stdout then points at /dev/null so the
-    interpreter's last flush cannot print a second error.
+    Lines go out in batches of `_BATCH` (one write each), or each at once, flushed, when the
+    capture is live. What repeats from frame to frame is made once: the clock of each second
+    and the label of each interface and link type. Leaving its `with` block writes what is
+    left, whatever ends the printing (the end, a count, tshark failing, Ctrl-C).
     """
-    try:
-        if line:
-            sys.stdout.write(line + "\n")
-        if flush:
+
+    def __init__(self, reader: Reader, as_json: bool, live: bool) -> None:
+        self._reader = reader
+        self._as_json = as_json
+        self._live = live
+        self._pending: list[str] = []
+        self._second: int | None = None
+        self._clock = ""
+        self._labels: dict[tuple[str, int], str] = {}
+
+    def __enter__(self) -> _Printer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+
+    def frame(self, number: int, packet: Packet, linktype: int, decoded: Decoded) -> bool:
+        """Print one frame; False when the reader went away (`| head`): stop quietly."""
+        if self._as_json:
+            self._pending.append(
+                json.dumps(_frame(self._reader, packet, number, linktype, decoded))
+            )
+        else:
+            self._pending.append(self._line(packet, linktype, decoded))
+        if self._live or len(self._pending) >= _BATCH:
+            return self.flush()
+        return True
+
+    def flush(self) -> bool:
+        """Write the lines not written yet; False when the reader went away.
+
+        Any other output error (disk full) is fatal; stdout then points at /dev/null so the
+        interpreter's last flush cannot print a second error.
+        """
+        try:
+            if self._pending:
+                sys.stdout.write("\n".join(self._pending) + "\n")
+                self._pending.clear()
             sys.stdout.flush()
-    except OSError as exc:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        if isinstance(exc, BrokenPipeError):
-            return False
-        raise Failure(f"standard output: {exc.strerror or exc}") from None
-    return True
+        except OSError as exc:
+            self._pending.clear()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            if isinstance(exc, BrokenPipeError):
+                return False
+            raise Failure(f"standard output: {exc.strerror or exc}") from None
+        return True
+
+    def _line(self, packet: Packet, linktype: int, decoded: Decoded) -> str:
+        """tcpdump's layout: local time, link, direction, summary (and a pcapng comment)."""
+        interface = self._reader.interfaces[packet.interface]
+        seconds, fraction = divmod(packet.ts_ns, 1_000_000_000)
+        if seconds != self._second:
+            self._second = seconds
+            self._clock = time.strftime("%H:%M:%S", time.localtime(seconds))
+        if interface.ticks_per_second > 1_000_000:
+            stamp = f"{self._clock}.{fraction:09d}"
+        else:
+            stamp = f"{self._clock}.{fraction // 1000:06d}"
+        label = self._labels.get((interface.name, linktype))
+        if label is None:  # names from the file
+            label = printable(interface.name or _linktype_name(linktype))
+            self._labels[interface.name, linktype] = label
+        parts = [stamp, label]
+        arrow = _ARROWS.get(_direction(packet, decoded))
+        if arrow:
+            parts.append(arrow)
+        parts.append(headline(decoded.fields, decoded.summary))
+        if packet.comment:
+            parts.append(f"# {printable(packet.comment)}")
+        return " ".join(parts)
 
 
 def _frame(reader: Reader, packet: Packet, number: int, linktype: int, decoded: Decoded) -> dict:
-    """The JSON object of one frame; the text line is made from it too."""
-    known = _known(linktype)
+    """The JSON object of one frame."""
     seconds, fraction = divmod(packet.ts_ns, 1_000_000_000)
-    direction = packet.direction  # pcapng flags, else the 204-206 direction byte
-    if not direction and "frame.p2p_dir" in decoded.fields:
-        direction = _P2P_DIR[decoded.fields["frame.p2p_dir"]]
     return {
         "number": number,
         "time": seconds + fraction / 1e9,  # exact to the microsecond as a float
         "interface": reader.interfaces[packet.interface].name or None,
-        "linktype": known.short_name if known else f"linktype {linktype}",
-        "direction": _WORDS.get(direction),
+        "linktype": _linktype_name(linktype),
+        "direction": _WORDS.get(_direction(packet, decoded)),
         "summary": decoded.summary,
         "fields": decoded.fields,
         "protocols": decoded.protocols,
@@ -285,28 +329,19 @@ def _frame(reader: Reader, packet: Packet, number: int, linktype: int, decoded: 
     }
 
 
-def _line(frame: dict[str, Any], packet: Packet, reader: Reader) -> str:
-    """tcpdump's layout: local time, link, direction, summary (and a pcapng comment)."""
-    seconds, fraction = divmod(packet.ts_ns, 1_000_000_000)
-    if reader.interfaces[packet.interface].ticks_per_second > 1_000_000:
-        stamp = f"{fraction:09d}"
-    else:
-        stamp = f"{fraction // 1000:06d}"
-    parts = [time.strftime("%H:%M:%S", time.localtime(seconds)) + "." + stamp]
-    parts.append(printable(frame["interface"] or frame["linktype"]))  # names from the file
-    if frame["direction"]:
-        parts.append(_ARROWS[frame["direction"]])
-    parts.append(headline(frame["fields"], frame["summary"]))
-    if frame["comment"]:
-        parts.append(f"# {printable(frame['comment'])}")
-    return " ".join(parts)
+def _direction(packet: Packet, decoded: Decoded) -> Direction:
+    """pcapng flags, else the 204-206 direction byte."""
+    if not packet.direction and "frame.p2p_dir" in decoded.fields:
+        return _P2P_DIR[decoded.fields["frame.p2p_dir"]]  # type: ignore[index]
+    return packet.direction
 
 
-def _known(linktype: int) -> LinkType | None:
+@functools.cache
+def _linktype_name(linktype: int) -> str:
     try:
-        return LinkType(linktype)
+        return LinkType(linktype).short_name
     except ValueError:
-        return None
+        return f"linktype {linktype}"
 
 
 def _is_live(path: str) -> bool:

@@ -33,6 +33,9 @@ _DECODERS = {
     LinkType.PPP: ppp.decode,
     LinkType.FRELAY: frelay.decode,
 }
+_WITH_DIRECTION = frozenset(
+    {LinkType.PPP_WITH_DIR, LinkType.C_HDLC_WITH_DIR, LinkType.FRELAY_WITH_DIR}
+)  # a set of ints: looking up members of the enum class costs more than the C-HDLC layer
 
 
 def decode(linktype: int, data: bytes) -> Decoded:
@@ -44,7 +47,7 @@ def decode(linktype: int, data: bytes) -> Decoded:
     data = bytes(data)
     b = Builder()
     link = linktype
-    if link in (LinkType.PPP_WITH_DIR, LinkType.C_HDLC_WITH_DIR, LinkType.FRELAY_WITH_DIR):
+    if link in _WITH_DIRECTION:
         if not b.need(data, 1, "direction byte"):
             return b.build(int(linktype))
         direction = 0 if data[0] else 1

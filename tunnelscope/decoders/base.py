@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 Value = object  # int, bool, str, or a list of them
+_WIDE_TLV = struct.Struct(">HH")
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Builder:
     def layer(self, protocol: str, text: str = "") -> None:
         """Enter a protocol (as tshark names it) and add its words to the summary."""
         self.protocols.append(protocol)
-        self.text(text)
+        if text:
+            self._parts.append(text)
 
     def text(self, text: str) -> None:
         if text:
@@ -135,7 +137,7 @@ def tlvs(
         if not b.need(data, offset + size, what):
             return
         if wide:
-            kind, length = struct.unpack_from(">HH", data, offset)
+            kind, length = _WIDE_TLV.unpack_from(data, offset)
         else:
             kind, length = data[offset], data[offset + 1]
         end = offset + length if length_counts_header else offset + size + length

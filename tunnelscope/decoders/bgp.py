@@ -31,6 +31,7 @@ PORT = 179
 _MARKER = b"\xff" * 16
 _HEADER = 19
 _MAX_LENGTH = 4096
+_LENGTH_TYPE = struct.Struct(">HB")  # after the marker
 _TYPES = {1: "OPEN", 2: "UPDATE", 3: "NOTIFICATION", 4: "KEEPALIVE", 5: "ROUTE-REFRESH"}
 _OPEN, _UPDATE, _NOTIFICATION = 1, 2, 3
 # NOTIFICATION: tshark names the subcode field after the error code
@@ -57,7 +58,7 @@ def decode(b: Builder, data: bytes) -> None:
         if len(message) < _HEADER or not message.startswith(_MARKER):
             names.append("continues")
             break
-        length, kind = struct.unpack_from(">HB", message, 16)
+        length, kind = _LENGTH_TYPE.unpack_from(message, 16)
         b.append("bgp.length", length)
         b.append("bgp.type", kind)
         names.append(name_of(_TYPES, kind, "type"))

@@ -24,19 +24,21 @@ PROTOCOL_SLARP = 0x8035
 PROTOCOL_CDP = 0x2000
 PROTOCOL_OSI = 0xFEFE
 _ADDRESSES = {0x0F: "unicast", 0x8F: "broadcast"}
+_HEADER = struct.Struct(">BBH")  # address, control, protocol
 
 
 def decode(b: Builder, data: bytes) -> None:
-    b.layer("chdlc")
-    if data:
-        b.fields["chdlc.address"] = data[0]
-        b.text("C-HDLC " + _ADDRESSES.get(data[0], f"address {data[0]:#04x}"))
-    else:
-        b.text("C-HDLC")
+    if not data:
+        b.layer("chdlc", "C-HDLC")
+        b.bad("truncated C-HDLC header")
+        return
+    b.layer("chdlc", "C-HDLC " + (_ADDRESSES.get(data[0]) or f"address {data[0]:#04x}"))
+    b.fields["chdlc.address"] = data[0]
     if not b.need(data, 4, "C-HDLC header"):
         return
-    control, proto = struct.unpack_from(">BH", data, 1)
-    b.fields.update({"chdlc.control": control, "chdlc.protocol": proto})
+    _, control, proto = _HEADER.unpack_from(data)
+    b.fields["chdlc.control"] = control
+    b.fields["chdlc.protocol"] = proto
     protocol(b, proto, data[4:])
 
 

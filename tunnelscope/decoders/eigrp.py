@@ -31,6 +31,7 @@ _OPCODES = {  # as tshark's Info column names them
 }
 _HELLO = 5
 _HEADER = 20
+_FIELDS = struct.Struct(">BBHIIIHH")
 _IPV4_INTERNAL = 0x0102
 _ROUTE_FIXED = 20  # metric and next hop before the first destination
 
@@ -40,9 +41,7 @@ def decode(b: Builder, data: bytes) -> None:
     if not b.need(data, _HEADER, "EIGRP header"):
         b.text("EIGRP")
         return
-    version, opcode, checksum, flags, sequence, ack, vrid, asn = struct.unpack_from(
-        ">BBHIIIHH", data
-    )
+    version, opcode, checksum, flags, sequence, ack, vrid, asn = _FIELDS.unpack_from(data)
     b.fields.update(
         {
             "eigrp.version": version,

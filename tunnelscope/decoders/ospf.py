@@ -37,10 +37,12 @@ _HELLO, _DB_DESCRIPTION, _LS_UPDATE, _LS_ACK = 1, 2, 4, 5
 _HEADER = {2: 24, 3: 16}
 _HELLO_FIXED = {2: 20, 3: 20}  # bytes before the neighbor list
 _LSA_HEADER = 20
-
-
-def _ip(raw: bytes) -> str:
-    return socket.inet_ntoa(raw)
+_START = struct.Struct(">BBH")  # version, type, packet length
+_IDS = struct.Struct(">4x4s4sH")  # router ID, area ID, checksum
+_HELLO_V2 = struct.Struct(">4sHBBI4s4s")  # mask, hello, options, priority, dead, DR, BDR
+_HELLO_V3 = struct.Struct(">IB3xHH4s4s")  # interface ID, priority, hello, dead, DR, BDR
+_LSA = struct.Struct(">HBB4s4sIHH")  # age, options, type, ID, router, sequence, sum, length
+_ip = socket.inet_ntoa
 
 
 def decode(b: Builder, data: bytes) -> None:
@@ -48,7 +50,7 @@ def decode(b: Builder, data: bytes) -> None:
     if not b.need(data, 4, "OSPF header"):
         b.text("OSPF")
         return
-    version, message, length = struct.unpack_from(">BBH", data)
+    version, message, length = _START.unpack_from(data)
     name = name_of(_MESSAGES, message, "type")
     b.text(f"OSPFv{version} {name}")
     b.fields.update({"ospf.version": version, "ospf.msg": message, "ospf.packet_length": length})
@@ -57,11 +59,11 @@ def decode(b: Builder, data: bytes) -> None:
         return
     if not b.need(data, header, "OSPF header"):
         return
-    router, area = _ip(data[4:8]), _ip(data[8:12])
-    (checksum,) = struct.unpack_from(">H", data, 12)
+    router, area, checksum = _IDS.unpack_from(data)
+    router, area = _ip(router), _ip(area)
     b.fields.update({"ospf.srcrouter": router, "ospf.area_id": area, "ospf.checksum": checksum})
     if version == 2:
-        b.fields["ospf.auth.type"] = struct.unpack_from(">H", data, 14)[0]
+        b.fields["ospf.auth.type"] = data[14] << 8 | data[15]
     else:
         b.fields["ospf.instance_id"] = data[14]
     b.text(f"router {router} area {area}")
@@ -87,21 +89,18 @@ def _hello(b: Builder, version: int, body: bytes) -> None:
     if not b.need(body, _HELLO_FIXED[version], "OSPF Hello"):
         return
     if version == 2:
-        mask = _ip(body[0:4])
-        hello, _, priority, dead = struct.unpack_from(">HBBI", body, 4)
-        b.fields["ospf.hello.network_mask"] = mask
+        mask, hello, _, priority, dead, designated, backup = _HELLO_V2.unpack_from(body)
+        b.fields["ospf.hello.network_mask"] = _ip(mask)
     else:
-        (interface,) = struct.unpack_from(">I", body)
-        priority = body[4]
-        hello, dead = struct.unpack_from(">HH", body, 8)
+        interface, priority, hello, dead, designated, backup = _HELLO_V3.unpack_from(body)
         b.fields["ospf.hello.interface_id"] = interface
     b.fields.update(
         {
             "ospf.hello.hello_interval": hello,
             "ospf.hello.router_priority": priority,
             "ospf.hello.router_dead_interval": dead,
-            "ospf.hello.designated_router": _ip(body[12:16]),
-            "ospf.hello.backup_designated_router": _ip(body[16:20]),
+            "ospf.hello.designated_router": _ip(designated),
+            "ospf.hello.backup_designated_router": _ip(backup),
         }
     )
     neighbors = [_ip(body[i : i + 4]) for i in range(20, len(body) - 3, 4)]
@@ -116,10 +115,10 @@ def _lsa_headers(b: Builder, data: bytes, count: int, whole: bool) -> None:
     for _ in range(count):
         if not b.need(data, offset + _LSA_HEADER, "LSA header"):
             return
-        age, _, _, sequence, _, length = struct.unpack_from(">HBB8xIHH", data, offset)
+        age, _, _, lsa_id, router, sequence, _, length = _LSA.unpack_from(data, offset)
         b.append("ospf.lsa.age", age)
-        b.append("ospf.lsa.id", _ip(data[offset + 4 : offset + 8]))
-        b.append("ospf.advrouter", _ip(data[offset + 8 : offset + 12]))
+        b.append("ospf.lsa.id", _ip(lsa_id))
+        b.append("ospf.advrouter", _ip(router))
         b.append("ospf.lsa.seqnum", sequence)
         if not whole:
             offset += _LSA_HEADER

@@ -52,14 +52,6 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import TYPE_CHECKING, BinaryIO
 
-from pyshark.cache import get_cache_dir
-from pyshark.tshark.tshark import (
-    TSharkNotFoundException,
-    get_process_path,
-    get_tshark_display_filter_flag,
-    get_tshark_version,
-)
-
 from tunnelscope.decoders.base import Decoded, top_protocol
 from tunnelscope.formats.pcap import global_header, record
 
@@ -92,7 +84,16 @@ class Tshark:
 
 @lru_cache(maxsize=1)
 def find_tshark() -> Tshark | None:
-    """The tshark on PATH (as pyshark finds it) and its version; None when there is none."""
+    """The tshark on PATH (as pyshark finds it) and its version; None when there is none.
+
+    pyshark is imported here, not with this module: it takes 45 ms (asyncio, lxml) of the
+    start of every command, whether it uses tshark or not (`decode --dissect builtin`)."""
+    from pyshark.tshark.tshark import (
+        TSharkNotFoundException,
+        get_process_path,
+        get_tshark_version,
+    )
+
     try:
         path = get_process_path()
         return Tshark(path, get_tshark_version(path))
@@ -207,6 +208,9 @@ class _Names:
 
     @classmethod
     def _open(cls, tshark: Tshark) -> sqlite3.Connection:
+        from pyshark.cache import get_cache_dir  # see find_tshark
+
+        building = None
         try:
             path = get_cache_dir(str(tshark.version)) / _NAMES_FILE
             if not path.exists():
@@ -216,6 +220,9 @@ class _Names:
                 os.replace(building, path)  # whole or absent, for concurrent starts
             return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         except (OSError, sqlite3.Error):
+            if building is not None:
+                with contextlib.suppress(OSError):
+                    building.unlink()
             db = sqlite3.connect(":memory:", check_same_thread=False)
             cls._fill(db, tshark)
             return db
@@ -355,6 +362,8 @@ class _Process:
         # -l (flush after each frame) costs tshark half as much again: only for live input
         arguments = [tshark.path, *(["-l"] if live else []), "-n", "-T", "ek", "-P", "-V", *source]
         if display_filter:
+            from pyshark.tshark.tshark import get_tshark_display_filter_flag  # see find_tshark
+
             arguments += [get_tshark_display_filter_flag(tshark.version), display_filter]
         self.popen = subprocess.Popen(
             arguments, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from tunnelscope.formats.packet import (
+    MAX_CAPLEN,
     CaptureFormatError,
     Interface,
     Packet,
@@ -73,6 +74,7 @@ class PcapReader:
         read = self._stream.read
         scale = 1 if self.nanosecond else 1000
         linktype = self.interfaces[0].linktype
+        longest = min(self.snaplen or MAX_CAPLEN, MAX_CAPLEN)  # what check_caplen accepts
         frame = 0
         while True:
             header = read(_RECORD.size)
@@ -84,13 +86,14 @@ class PcapReader:
                     f"frame {frame}: truncated record header ({len(header)} of 16 bytes)"
                 )
             sec, frac, caplen, orig_len = unpack(header)
-            check_caplen(caplen, self.snaplen, frame)
+            if caplen > longest:
+                check_caplen(caplen, self.snaplen, frame)
             data = read(caplen)
             if len(data) < caplen:
                 raise CaptureFormatError(
                     f"frame {frame}: truncated record ({len(data)} of {caplen} bytes)"
                 )
-            yield Packet(sec * 1_000_000_000 + frac * scale, data, linktype, orig_len=orig_len)
+            yield Packet(sec * 1_000_000_000 + frac * scale, data, linktype, 0, orig_len)
 
 
 _MAGIC_ENDIAN = {
