@@ -442,3 +442,19 @@ def test_the_field_name_table_is_cached_or_kept_in_memory(
         assert plan.names == ("ip.flags.df", "ip.src", "ip_nosuch")
     files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     assert files == ([wireshark._NAMES_FILE] if cache == "writable" else [])
+
+
+@tshark.required
+def test_a_tshark_that_lists_no_fields_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed `tshark -G fields` leaves names as EK spells them for this run only, so the
+    next start asks again instead of reading an empty table for good."""
+    monkeypatch.setattr("pyshark.cache.get_cache_dir", lambda _version: tmp_path)
+    tool = wireshark.find_tshark()
+    assert tool is not None
+    silent = wireshark.Tshark("/bin/true", tool.version)  # exits 0, lists nothing
+    assert wireshark._Names(silent).plan("ip", ("ip_ip_src",)).names == ("ip_ip_src",)
+    assert list(tmp_path.iterdir()) == []
+    assert wireshark._Names(tool).plan("ip", ("ip_ip_src",)).names == ("ip.src",)
+    assert [p.name for p in tmp_path.iterdir()] == [wireshark._NAMES_FILE]

@@ -267,8 +267,7 @@ def _udp(b: Builder, data: bytes) -> None:
 
 def _tcp(b: Builder, data: bytes) -> None:
     b.layer("tcp")
-    if len(data) < 20:
-        b.bad("truncated TCP header")
+    if not b.need(data, 20, "TCP header"):
         return
     sport, dport, seq, ack, offset_flags, _, _, _ = _TCP.unpack_from(data)
     header = (offset_flags >> 12) * 4

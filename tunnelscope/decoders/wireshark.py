@@ -210,13 +210,16 @@ class _Names:
     def _open(cls, tshark: Tshark) -> sqlite3.Connection:
         from pyshark.cache import get_cache_dir  # see find_tshark
 
-        building = None
+        tables, building = None, None
         try:
             path = get_cache_dir(str(tshark.version)) / _NAMES_FILE
             if not path.exists():
+                tables = cls._ask(tshark)
+                if not tables[0]:  # never keep an empty table for this version
+                    raise sqlite3.DataError("tshark -G fields listed no fields")
                 building = path.with_name(f"{path.name}.{os.getpid()}")
                 with contextlib.closing(sqlite3.connect(building)) as db:
-                    cls._fill(db, tshark)
+                    cls._fill(db, *tables)
                 os.replace(building, path)  # whole or absent, for concurrent starts
             return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         except (OSError, sqlite3.Error):
@@ -224,14 +227,18 @@ class _Names:
                 with contextlib.suppress(OSError):
                     building.unlink()
             db = sqlite3.connect(":memory:", check_same_thread=False)
-            cls._fill(db, tshark)
+            cls._fill(db, *(tables or cls._ask(tshark)))
             return db
 
     @staticmethod
-    def _fill(db: sqlite3.Connection, tshark: Tshark) -> None:
-        listing = subprocess.run(
-            [tshark.path, "-G", "fields"], capture_output=True, text=True, timeout=120
-        ).stdout
+    def _ask(tshark: Tshark) -> tuple[dict[str, str], dict[str, str]]:
+        """EK name -> field name, and field name -> kind, from `tshark -G fields`."""
+        try:
+            listing = subprocess.run(
+                [tshark.path, "-G", "fields"], capture_output=True, text=True, timeout=120
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DissectError(f"tshark -G fields: {exc}") from None
         names: dict[str, str] = {}
         kinds: dict[str, str] = {}
         for line in listing.splitlines():
@@ -244,6 +251,10 @@ class _Names:
                 names.setdefault(abbrev.replace(".", "_"), abbrev)
                 if kind is not None:
                     kinds[abbrev] = kind
+        return names, kinds
+
+    @staticmethod
+    def _fill(db: sqlite3.Connection, names: dict[str, str], kinds: dict[str, str]) -> None:
         db.execute("CREATE TABLE names (ek TEXT PRIMARY KEY, name TEXT) WITHOUT ROWID")
         db.execute("CREATE TABLE kinds (name TEXT PRIMARY KEY, kind TEXT) WITHOUT ROWID")
         db.executemany("INSERT INTO names VALUES (?, ?)", names.items())
