@@ -458,3 +458,17 @@ def test_a_tshark_that_lists_no_fields_is_not_cached(
     assert list(tmp_path.iterdir()) == []
     assert wireshark._Names(tool).plan("ip", ("ip_ip_src",)).names == ("ip.src",)
     assert [p.name for p in tmp_path.iterdir()] == [wireshark._NAMES_FILE]
+
+
+@tshark.required
+def test_a_damaged_field_name_cache_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pyshark.cache.get_cache_dir", lambda _version: tmp_path)
+    (tmp_path / wireshark._NAMES_FILE).write_bytes(b"not a database, " * 512)
+    tool = wireshark.find_tshark()
+    assert tool is not None
+    assert wireshark._Names(tool).plan("ip", ("ip_ip_src",)).names == ("ip.src",)  # in memory
+    assert list(tmp_path.iterdir()) == []  # the damaged file is gone
+    assert wireshark._Names(tool).plan("ip", ("ip_ip_src",)).names == ("ip.src",)
+    assert [p.name for p in tmp_path.iterdir()] == [wireshark._NAMES_FILE]

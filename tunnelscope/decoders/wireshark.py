@@ -210,22 +210,29 @@ class _Names:
     def _open(cls, tshark: Tshark) -> sqlite3.Connection:
         from pyshark.cache import get_cache_dir  # see find_tshark
 
-        tables, building = None, None
+        tables, discard = None, None  # discard: a file to remove if this fails
         try:
             path = get_cache_dir(str(tshark.version)) / _NAMES_FILE
             if not path.exists():
                 tables = cls._ask(tshark)
                 if not tables[0]:  # never keep an empty table for this version
                     raise sqlite3.DataError("tshark -G fields listed no fields")
-                building = path.with_name(f"{path.name}.{os.getpid()}")
-                with contextlib.closing(sqlite3.connect(building)) as db:
+                discard = path.with_name(f"{path.name}.{os.getpid()}")
+                with contextlib.closing(sqlite3.connect(discard)) as db:
                     cls._fill(db, *tables)
-                os.replace(building, path)  # whole or absent, for concurrent starts
-            return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+                os.replace(discard, path)  # whole or absent, for concurrent starts
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            try:
+                db.execute("SELECT name FROM names LIMIT 1").fetchall()  # a damaged file?
+            except sqlite3.Error:
+                db.close()
+                discard = path  # the next start builds it again
+                raise
+            return db
         except (OSError, sqlite3.Error):
-            if building is not None:
+            if discard is not None:
                 with contextlib.suppress(OSError):
-                    building.unlink()
+                    discard.unlink()
             db = sqlite3.connect(":memory:", check_same_thread=False)
             cls._fill(db, *(tables or cls._ask(tshark)))
             return db
